@@ -1,0 +1,138 @@
+"""Hot loops of the compressors: exact Top-k selection and Block-Sign encode/decode.
+
+Each kernel has two implementations with identical results: numpy on CPU tensors (numpy reuses large buffers
+and asks for huge pages, so it runs several times faster than fresh torch allocations on a small CPU) and
+torch ops on any other device (CUDA clients compress on the GPU). ``device_path=True`` forces the torch
+implementation, which lets the tests check on a CPU-only machine that both agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fl_compams.bits import pack_bits, unpack_bits
+
+__all__ = ["blocksign_decode", "blocksign_encode", "topk_indices"]
+
+# Sample size for the Top-k threshold estimate and the head-room above k that the threshold aims for.
+_SAMPLE = 1 << 16
+_SLACK = 1.25
+
+
+def _use_numpy(x: torch.Tensor, device_path: bool) -> bool:
+    return x.device.type == "cpu" and not device_path
+
+
+def topk_indices(x: torch.Tensor, k: int, *, device_path: bool = False) -> torch.Tensor:
+    """Indices of the k largest |x_i|, sorted ascending; ties go to the lower index (exact, deterministic).
+
+    A threshold estimated from a strided sample keeps about 1.25 k candidates in one pass; the exact k-th
+    magnitude is then found among the candidates only. If the estimate keeps fewer than k, the threshold is
+    lowered and the pass repeated, so the result is always exact whatever the data.
+    """
+    d = x.numel()
+    if not 0 < k <= d:
+        raise ValueError(f"k must be in [1, {d}], got {k}")
+    if _use_numpy(x, device_path):
+        return torch.from_numpy(_topk_numpy(x.numpy(), k))
+    return _topk_torch(x, k)
+
+
+def _threshold_candidates(sorted_sample: np.ndarray | torch.Tensor, d: int, k: int, attempt: int):
+    """Threshold such that about ``k * slack**(attempt+1)`` of d magnitudes lie at or above it."""
+    n = len(sorted_sample)
+    target = min(d, int(k * _SLACK ** (attempt + 1)) + 64)
+    rank = n - 1 - int(target / d * n)  # ascending sample: count above rank ~ target/d of the sample
+    return None if rank < 0 else sorted_sample[rank]
+
+
+def _topk_numpy(x: np.ndarray, k: int) -> np.ndarray:
+    a = np.abs(x)
+    d = a.size
+    if 4 * k >= d:
+        cands = np.arange(d)
+    else:
+        sample = np.sort(a[:: max(1, d // _SAMPLE)])
+        cands = None
+        for attempt in range(4):
+            t = _threshold_candidates(sample, d, k, attempt)
+            if t is None:
+                break
+            c = np.flatnonzero(a >= t)
+            if c.size >= k:
+                cands = c
+                break
+        if cands is None:
+            cands = np.arange(d)
+    vals = a[cands]
+    m = vals.size
+    kth = np.partition(vals, m - k)[m - k]  # the k-th largest magnitude
+    keep = vals > kth
+    need = k - int(np.count_nonzero(keep))
+    keep[np.flatnonzero(vals == kth)[:need]] = True  # ties: lowest indices first
+    return cands[keep].astype(np.int64)
+
+
+def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
+    a = x.abs()
+    d = a.numel()
+    cands = None
+    if 4 * k < d:
+        sample = torch.sort(a[:: max(1, d // _SAMPLE)]).values
+        for attempt in range(4):
+            t = _threshold_candidates(sample, d, k, attempt)
+            if t is None:
+                break
+            c = torch.nonzero(a >= t).squeeze(1)
+            if c.numel() >= k:
+                cands = c
+                break
+    if cands is None:
+        cands = torch.arange(d, device=x.device)
+    vals = a[cands]
+    m = vals.numel()
+    kth = torch.kthvalue(vals, m - k + 1).values
+    keep = vals > kth
+    need = k - int(keep.sum())
+    ties = torch.nonzero(vals == kth).squeeze(1)[:need]
+    keep[ties] = True
+    return cands[keep]
+
+
+def blocksign_encode(
+    x: torch.Tensor, block_sizes: tuple[int, ...], *, device_path: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sign bits (1 for x >= 0) and per-block scales ``||x_B||_1 / d_B`` (Li et al., Def. 2)."""
+    scales = torch.stack(
+        [torch.linalg.vector_norm(b, 1) / b.numel() for b in torch.split(x, block_sizes)]
+    )
+    if _use_numpy(x, device_path):
+        signs = torch.from_numpy(np.packbits(x.numpy() >= 0))
+    else:
+        signs = pack_bits(x >= 0)
+    return signs, scales
+
+
+def blocksign_decode(
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    block_sizes: tuple[int, ...],
+    dim: int,
+    *,
+    device_path: bool = False,
+) -> torch.Tensor:
+    """``sign_B * scale_B`` for every block, concatenated into one dense vector of ``scales.dtype``."""
+    if _use_numpy(signs, device_path):
+        bits = np.unpackbits(signs.numpy(), count=dim)
+        out = np.empty(dim, dtype=torch.empty(0, dtype=scales.dtype).numpy().dtype)
+        offset = 0
+        for size, s in zip(block_sizes, scales.numpy(), strict=True):
+            table = np.array([-s, s], dtype=out.dtype)
+            np.take(table, bits[offset : offset + size], out=out[offset : offset + size])
+            offset += size
+        return torch.from_numpy(out)
+    bits = unpack_bits(signs, dim)
+    sizes = torch.tensor(block_sizes, device=scales.device)
+    per_coord = torch.repeat_interleave(scales, sizes, output_size=dim)
+    return torch.where(bits, per_coord, -per_coord)
