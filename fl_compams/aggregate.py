@@ -27,7 +27,9 @@ def aggregation_weights(weighting: str, num_examples: Sequence[int]) -> list[flo
         return [1.0 / n] * n
     if weighting == "num-examples":
         if any(c < 0 for c in num_examples) or sum(num_examples) <= 0:
-            raise ValueError(f"num-examples weights need non-negative counts with a positive sum, got {num_examples}")
+            raise ValueError(
+                f"num-examples weights need non-negative counts with a positive sum, got {num_examples}"
+            )
         total = float(sum(num_examples))
         return [c / total for c in num_examples]
     raise ValueError(f"unknown weighting {weighting!r}; use one of {WEIGHTINGS}")

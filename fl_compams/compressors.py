@@ -306,7 +306,9 @@ class MVSS(Compressor):
         u = torch.rand(x.numel(), generator=gen, device=x.device, dtype=torch.float64)
         idx = torch.nonzero(u < p).squeeze(1)
         values = (x[idx].to(torch.float64) / p[idx]).to(x.dtype)
-        return SparsePayload(Kind.MVSS, x.numel(), idx, _cast_values(values, self.value_dtype), self.index_coding)
+        return SparsePayload(
+            Kind.MVSS, x.numel(), idx, _cast_values(values, self.value_dtype), self.index_coding
+        )
 
     def theory_bits(self, dim: int) -> float:
         """Expected ``kappa d (b_v + ceil(log2 d))``."""

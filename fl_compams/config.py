@@ -120,11 +120,15 @@ SCHEMA: tuple[Key, ...] = (
     _key("download", False, _BOOL, "allow downloading the data set into data-dir"),
     _key("partitioner", "dirichlet", _choice(PARTITIONERS), "how the training set is split over clients"),
     _key("dirichlet-alpha", 0.5, _POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
-    _key("min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"),
+    _key(
+        "min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"
+    ),
     # --- diagnostics and output
     _key("probe-every", 0, _NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never"),
     _key("run-name", "", _ANY_STR, "results go to <out-dir>/<run-name>; empty = a timestamped name"),
-    _key("out-dir", "", _ANY_STR, "results root; empty = runs/ under the directory flwr run was started from"),
+    _key(
+        "out-dir", "", _ANY_STR, "results root; empty = runs/ under the directory flwr run was started from"
+    ),
 )
 _BY_NAME = {k.name: k for k in SCHEMA}
 
@@ -290,7 +294,11 @@ def build_compressor(cfg: CompressorConfig, block_sizes: tuple[int, ...] | None 
             "value_dtype": cfg.value_dtype,
             "index_coding": cfg.index_coding,
         },
-        "mvss": {"density": cfg.mvss_density, "value_dtype": cfg.value_dtype, "index_coding": cfg.index_coding},
+        "mvss": {
+            "density": cfg.mvss_density,
+            "value_dtype": cfg.value_dtype,
+            "index_coding": cfg.index_coding,
+        },
         "qsgd": {"levels": cfg.qsgd_levels, "bucket_size": cfg.qsgd_bucket_size},
         "signtopk": {**k_or_ratio, "index_coding": cfg.index_coding},
     }

@@ -106,9 +106,7 @@ class ParamSpec:
         )
 
 
-def flatten(
-    tensors: Mapping[str, TensorLike], spec: ParamSpec, *, trainable: bool = True
-) -> torch.Tensor:
+def flatten(tensors: Mapping[str, TensorLike], spec: ParamSpec, *, trainable: bool = True) -> torch.Tensor:
     """Concatenate the trainable (or, with ``trainable=False``, the buffer) tensors into one float32 vector.
 
     The vector lives on the device of the tensors. Missing names or wrong shapes raise ``ValueError``.
@@ -131,9 +129,7 @@ def flatten(
     return torch.cat(parts)
 
 
-def unflatten(
-    vector: torch.Tensor, spec: ParamSpec, *, trainable: bool = True
-) -> dict[str, torch.Tensor]:
+def unflatten(vector: torch.Tensor, spec: ParamSpec, *, trainable: bool = True) -> dict[str, torch.Tensor]:
     """Split a flat vector back into named tensors with the spec's shapes and dtypes (views where possible)."""
     expected = spec.dim if trainable else spec.buffer_dim
     if vector.ndim != 1 or vector.numel() != expected:

@@ -104,9 +104,7 @@ def blocksign_encode(
     x: torch.Tensor, block_sizes: tuple[int, ...], *, device_path: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sign bits (1 for x >= 0) and per-block scales ``||x_B||_1 / d_B`` (Li et al., Def. 2)."""
-    scales = torch.stack(
-        [torch.linalg.vector_norm(b, 1) / b.numel() for b in torch.split(x, block_sizes)]
-    )
+    scales = torch.stack([torch.linalg.vector_norm(b, 1) / b.numel() for b in torch.split(x, block_sizes)])
     if _use_numpy(x, device_path):
         signs = torch.from_numpy(np.packbits(x.numpy() >= 0))
     else:

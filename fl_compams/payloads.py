@@ -210,5 +210,3 @@ Payload = DensePayload | SparsePayload | BlockSignPayload | SignSparsePayload | 
 
 def _wide_dtype(values: torch.Tensor) -> torch.dtype:
     return torch.float32 if values.dtype == torch.float16 else values.dtype
-
-
