@@ -94,6 +94,8 @@ class Compressor:
     """Base class: subclasses are frozen dataclasses implementing ``encode`` and ``theory_bits``."""
 
     name: ClassVar[str]
+    #: The payload kind ``encode`` produces (the server checks replies against it).
+    kind: ClassVar[Kind]
     #: E[C(x)] = x for every x (unbiased operators are used without error feedback by their papers).
     unbiased: ClassVar[bool] = False
     #: ``encode`` needs a generator.
@@ -122,6 +124,7 @@ class Identity(Compressor):
 
     value_dtype: str = "float32"
     name: ClassVar[str] = "identity"
+    kind: ClassVar[Kind] = Kind.IDENTITY
 
     def __post_init__(self) -> None:
         _check_choice("identity", "value_dtype", self.value_dtype, VALUE_DTYPES)
@@ -149,6 +152,7 @@ class TopK(Compressor):
     value_dtype: str = "float32"
     index_coding: str = "int32"
     name: ClassVar[str] = "topk"
+    kind: ClassVar[Kind] = Kind.TOPK
 
     def __post_init__(self) -> None:
         _check_k_ratio("topk", self.k, self.ratio)
@@ -183,6 +187,7 @@ class BlockSign(Compressor):
 
     block_sizes: tuple[int, ...] | None = None
     name: ClassVar[str] = "blocksign"
+    kind: ClassVar[Kind] = Kind.BLOCKSIGN
 
     def __post_init__(self) -> None:
         if self.block_sizes is not None:
@@ -228,6 +233,7 @@ class RandK(Compressor):
     value_dtype: str = "float32"
     index_coding: str = "int32"
     name: ClassVar[str] = "randk"
+    kind: ClassVar[Kind] = Kind.RANDK
     randomized: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -270,6 +276,7 @@ class MVSS(Compressor):
     value_dtype: str = "float32"
     index_coding: str = "int32"
     name: ClassVar[str] = "mvss"
+    kind: ClassVar[Kind] = Kind.MVSS
     unbiased: ClassVar[bool] = True
     randomized: ClassVar[bool] = True
 
@@ -328,6 +335,7 @@ class QSGD(Compressor):
     levels: int = 1
     bucket_size: int = 0
     name: ClassVar[str] = "qsgd"
+    kind: ClassVar[Kind] = Kind.QSGD
     unbiased: ClassVar[bool] = True
     randomized: ClassVar[bool] = True
 
@@ -373,6 +381,7 @@ class SignTopK(Compressor):
     ratio: float | None = None
     index_coding: str = "int32"
     name: ClassVar[str] = "signtopk"
+    kind: ClassVar[Kind] = Kind.SIGNTOPK
 
     def __post_init__(self) -> None:
         _check_k_ratio("signtopk", self.k, self.ratio)

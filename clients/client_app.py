@@ -1,0 +1,109 @@
+"""The COMP-AMS ClientApp: local update, error feedback, compression, and the payload bytes as the reply.
+
+Per round (Li, Karimi & Li, Algorithm 2, worker side): restore e from ``context.state``; compute the update u at
+the received model (H local steps; H = 1 is one minibatch gradient); ``payload = C(u + e)``;
+``e' = u + e - decode(payload)``; store e'; reply with the payload's wire bytes and metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import state_io
+from clients.training import evaluate, full_gradient, local_update
+from fl_compams import protocol
+from fl_compams.codec import to_bytes
+from fl_compams.config import ExperimentConfig, build_compressor, parse_config
+from fl_compams.error_feedback import ef_step
+from fl_compams.flat import ParamSpec, flatten
+from simulations.task import client_data, load_data, make_model, resolve_device
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    """Config, device, this node's data and the received model, from the message and the node config."""
+    record = msg.content[protocol.CONFIG]
+    cfg = parse_config({k: record[k] for k in protocol.CLIENT_KEYS if k in record})
+    device = resolve_device(cfg.train.device)
+    pid = int(context.node_config["partition-id"])
+    n_parts = int(context.node_config["num-partitions"])
+    x, y = client_data(cfg.data, pid, n_parts, cfg.seed, device)
+    bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
+    model = make_model(cfg.data, bundle, cfg.seed)
+    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    model.to(device)
+    server_round = int(record.get("server-round", 0))
+    return cfg, device, pid, server_round, x, y, model
+
+
+def _generator(cfg: ExperimentConfig, pid: int, server_round: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, salt))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One COMP-AMS worker step."""
+    cfg, device, pid, server_round, x, y, model = _setup(msg, context)
+    spec = ParamSpec.from_module(model)
+    if spec.buffer_dim:
+        raise ValueError("models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
+        update, loss = local_update(
+            model,
+            x,
+            y,
+            steps=cfg.train.local_steps,
+            lr=cfg.train.local_lr,
+            batch_size=cfg.train.batch_size,
+            generator=_generator(cfg, pid, server_round, 0),
+        )
+    compressor = build_compressor(cfg.compression, spec.block_sizes)
+    residual = state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
+    rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
+    payload, residual = ef_step(compressor, update, residual, rng)
+    data = to_bytes(payload)
+    if residual is not None:
+        state_io.save_residual(context.state, residual)
+    rounds = state_io.bump_rounds(context.state)
+    metrics = {
+        protocol.NUM_EXAMPLES: int(x.shape[0]),
+        protocol.TRAIN_LOSS: float(loss),
+        protocol.RESIDUAL_NORM: float(residual.norm()) if residual is not None else 0.0,
+        protocol.STATE_ROUNDS: rounds,
+    }
+    content = RecordDict(
+        {
+            protocol.PAYLOAD: ConfigRecord({protocol.PAYLOAD_BYTES: data}),
+            protocol.METRICS: MetricRecord(metrics),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received model on this node's training partition."""
+    _, _, _, _, x, y, model = _setup(msg, context)
+    loss, acc = evaluate(model, x, y)
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: int(x.shape[0]), "loss": loss, "accuracy": acc})
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+
+
+@app.query(protocol.PROBE_ROUTE)
+def probe(msg: Message, context: Context) -> Message:
+    """The sigma_g^2 probe: full local gradient over the whole partition and the local minibatch variance."""
+    cfg, _, _, _, x, y, model = _setup(msg, context)
+    grad, variance = full_gradient(model, x, y, batch_size=cfg.train.batch_size)
+    content = RecordDict(
+        {
+            protocol.PROBE_GRADIENT: ArrayRecord({protocol.PROBE_GRADIENT: Array(grad.cpu().numpy())}),
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.LOCAL_VARIANCE: variance}
+            ),
+        }
+    )
+    return Message(content, reply_to=msg)

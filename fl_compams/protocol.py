@@ -1,0 +1,73 @@
+"""What the server and the clients must agree on: record keys, message routes, metric names.
+
+Plain strings only (no flwr import), so ``strategies`` and ``clients`` share them without importing each other.
+"""
+
+from __future__ import annotations
+
+from fl_compams.config import SCHEMA
+
+#: Global model (dense float32 tensors by name) in instructions; Flower's FedAvg default key.
+ARRAYS = "arrays"
+#: Instruction settings (the client part of the run config plus ``server-round``).
+CONFIG = "config"
+#: Reply record holding the compressed update: a ConfigRecord with the wire bytes under PAYLOAD_BYTES.
+PAYLOAD = "payload"
+PAYLOAD_BYTES = "bytes"
+#: Reply metrics (a MetricRecord).
+METRICS = "metrics"
+#: Probe reply: the full local gradient (an ArrayRecord with one float32 vector under PROBE_GRADIENT).
+PROBE_GRADIENT = "gradient"
+#: Query route of the sigma_g^2 probe (``@app.query("probe")`` handles message type ``query.probe``).
+PROBE_ROUTE = "probe"
+PROBE_MESSAGE_TYPE = f"query.{PROBE_ROUTE}"
+
+# Metric names a client reports.
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+RESIDUAL_NORM = "residual-norm"
+STATE_ROUNDS = "state-rounds"
+LOCAL_VARIANCE = "local-variance"
+
+#: Run-config keys a client needs; the server sends them in every instruction, so clients work the same
+#: under ``flwr run`` and under the in-process runner (where ``context.run_config`` is empty).
+CLIENT_KEYS: tuple[str, ...] = tuple(
+    k.name
+    for k in SCHEMA
+    if k.name
+    in {
+        "seed",
+        "compressor",
+        "error-feedback",
+        "topk-ratio",
+        "topk-k",
+        "value-dtype",
+        "index-coding",
+        "mvss-density",
+        "qsgd-levels",
+        "qsgd-bucket-size",
+        "randk-scaled",
+        "local-steps",
+        "local-lr",
+        "batch-size",
+        "device",
+        "dataset",
+        "model",
+        "data-dir",
+        "download",
+        "partitioner",
+        "dirichlet-alpha",
+        "min-partition-size",
+    }
+)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed from the run seed and integers such as (partition id, round): splitmix64 mixing."""
+    h = seed & 0xFFFFFFFFFFFFFFFF
+    for p in parts:
+        h = (h ^ (p & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,45 @@
+"""The server's whole state as one value, and one pure round of COMP-AMS aggregation.
+
+``ServerState`` holds everything that changes across rounds (step count, the flat model theta and the
+optimizer's moments); ``server_round`` is Algorithm 2's server part: average the decoded payloads, take one
+optimizer step. Flower glue keeps nothing else that affects the model, so a checkpoint of this value is a
+checkpoint of the run's optimisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from fl_compams.aggregate import weighted_mean
+from fl_compams.payloads import Payload
+from fl_compams.server_opt import ServerOptimizer
+
+__all__ = ["ServerState", "init_server_state", "apply_round"]
+
+
+class ServerState(NamedTuple):
+    """Round counter, flat model and optimizer state."""
+
+    round: int
+    theta: torch.Tensor
+    opt_state: Any
+
+
+def init_server_state(theta: torch.Tensor, optimizer: ServerOptimizer) -> ServerState:
+    """State before round 1: theta_1 and zero moments."""
+    return ServerState(0, theta.clone(), optimizer.init(theta))
+
+
+def apply_round(
+    state: ServerState,
+    payloads: Sequence[Payload],
+    weights: Sequence[float],
+    optimizer: ServerOptimizer,
+) -> tuple[ServerState, torch.Tensor]:
+    """``g_bar = sum_i w_i decode(p_i)``; ``theta_{t+1} = theta_t + delta(g_bar)``. Returns (state, g_bar)."""
+    g_bar = weighted_mean(payloads, weights, state.theta.numel(), device=state.theta.device, dtype=state.theta.dtype)
+    delta, opt_state = optimizer.update(g_bar, state.opt_state)
+    return ServerState(state.round + 1, state.theta + delta, opt_state), g_bar

@@ -1,0 +1,89 @@
+"""In-process runs through Flower's simulation engine (Ray backend), with the same ServerApp/ClientApp code.
+
+``run_experiment(overrides)`` validates the config, runs it on ``num_supernodes`` virtual clients and returns the
+results directory, which holds the same files as a ``flwr run .`` run. Flower 1.41 deprecates
+``run_simulation``; it is called in one place only (:func:`_simulate`) so a replacement touches one function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fl_compams.config import parse_config
+
+__all__ = ["run_experiment"]
+
+# Quiet Ray and Flower before they are imported.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def run_experiment(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    num_supernodes: int = 10,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    ray_address: str | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Run one experiment in-process and return its results directory.
+
+    Parameters
+    ----------
+    overrides
+        Run-config keys (kebab-case) that differ from the defaults.
+    num_supernodes
+        Number of virtual clients; each gets ``partition-id`` and ``num-partitions`` in its node config.
+    num_cpus, num_gpus
+        Ray resources per client (``num_gpus > 0`` puts clients on GPUs; fractions share one GPU).
+    ray_address
+        Join a running Ray cluster (e.g. ``"127.0.0.1:6379"``) instead of starting one; ``RAY_ADDRESS`` in the
+        environment does the same.
+    """
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from clients.client_app import app as client_app
+    from strategies.server_app import run_server
+
+    config = parse_config(overrides).to_flat()  # fail fast, before Ray starts
+    outcome: dict[str, Path] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:  # context.run_config is empty under run_simulation
+        outcome["path"] = run_server(grid, config)
+
+    init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": verbose}
+    if ray_address:
+        init_args["address"] = ray_address
+    backend_config = {
+        "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
+        "init_args": init_args,
+    }
+    _simulate(server_app, client_app, num_supernodes, backend_config, verbose)
+    if "path" not in outcome:
+        raise RuntimeError("the simulation ended without results; run with verbose=True to see Flower's log")
+    return outcome["path"]
+
+
+def _simulate(server_app, client_app, num_supernodes: int, backend_config: dict, verbose: bool) -> None:
+    """The one call of Flower's deprecated ``run_simulation``."""
+    from flwr.simulation import run_simulation
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_supernodes,
+        backend_name="ray",
+        backend_config=backend_config,
+        verbose_logging=verbose,
+    )

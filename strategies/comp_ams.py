@@ -1,0 +1,187 @@
+"""CompAMS: Flower's FedAvg with aggregation replaced by COMP-AMS's server (Li, Karimi & Li, Algorithm 2).
+
+Sampling, ``fraction-train``, minimum node counts, evaluation and the round loop (``start``) are Flower's own.
+``aggregate_train`` never averages arrays the FedAvg way: it validates each reply, decodes its payload with the
+core codec, averages the decoded updates (uniform or by example count) and takes one server-optimizer step
+(AMSGrad by default) through :func:`fl_compams.server.apply_round`. A reply that fails validation, or an error
+reply, is dropped, logged with its node id and reason, counted, and never touches the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl_compams import protocol
+from fl_compams.aggregate import aggregation_weights
+from fl_compams.codec import from_bytes
+from fl_compams.compressors import Compressor
+from fl_compams.config import ExperimentConfig
+from fl_compams.errors import PayloadError
+from fl_compams.flat import ParamSpec, unflatten
+from fl_compams.payloads import Payload
+from fl_compams.server import ServerState, apply_round
+from fl_compams.server_opt import ServerOptimizer
+from strategies.wire import wire_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundTraffic:
+    """What one training round cost and who took part (per client by node id)."""
+
+    downlink_bytes: dict[int, int] = field(default_factory=dict)
+    uplink_bytes: dict[int, int] = field(default_factory=dict)
+    uplink_theory_bits: float = 0.0
+    failures: dict[int, str] = field(default_factory=dict)
+    ok: list[int] = field(default_factory=list)
+    train_loss: float = math.nan
+    residual_norm: float = math.nan
+
+
+@dataclass(frozen=True)
+class ValidReply:
+    node_id: int
+    payload: Payload
+    num_examples: int
+    metrics: dict
+
+
+class CompAMS(FedAvg):
+    """COMP-AMS server strategy.
+
+    Parameters
+    ----------
+    config
+        The resolved experiment configuration (server optimizer, weighting, client settings).
+    spec
+        The model's ParamSpec; payloads must have dimension ``spec.dim``.
+    compressor
+        The clients' compressor (to check payload kinds and report theory bits).
+    optimizer
+        The server optimizer; ``state`` its initial :class:`~fl_compams.server.ServerState`.
+    fedavg_kwargs
+        Passed to Flower's ``FedAvg`` (``min_available_nodes`` etc.).
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        spec: ParamSpec,
+        compressor: Compressor,
+        optimizer: ServerOptimizer,
+        state: ServerState,
+        **fedavg_kwargs,
+    ) -> None:
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
+        fedavg_kwargs.setdefault("min_train_nodes", config.server.min_train_nodes)
+        fedavg_kwargs.setdefault("min_available_nodes", config.server.min_train_nodes)
+        super().__init__(fraction_train=config.server.fraction_train, **fedavg_kwargs)
+        self.config = config
+        self.spec = spec
+        self.compressor = compressor
+        self.optimizer = optimizer
+        self.state = state
+        self.traffic: dict[int, RoundTraffic] = {}
+
+    # ------------------------------------------------------------------------------------------ train
+    def client_config(self) -> ConfigRecord:
+        """The run-config keys clients need (compressor, local training, data), sent with every instruction."""
+        flat = self.config.to_flat()
+        return ConfigRecord({k: flat[k] for k in protocol.CLIENT_KEYS})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's sampling and messages, with the client settings added and the downlink bytes measured."""
+        for key, value in self.client_config().items():
+            config[key] = value
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        traffic = RoundTraffic()
+        if messages:
+            size = wire_bytes(messages[0].content)  # FedAvg shares one RecordDict across all messages
+            traffic.downlink_bytes = {m.metadata.dst_node_id: size for m in messages}
+        self.traffic[server_round] = traffic
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, decode, average and step; dropped replies never reach the model."""
+        traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        valid: list[ValidReply] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                traffic.failures[node] = f"client error: {msg.error.reason}"
+            else:
+                traffic.uplink_bytes[node] = wire_bytes(msg.content)
+                try:
+                    valid.append(self.parse_reply(msg))
+                except PayloadError as err:
+                    traffic.failures[node] = str(err)
+        for node, reason in traffic.failures.items():
+            log.warning("round %d: dropped the reply of node %d: %s", server_round, node, reason)
+        traffic.ok = [r.node_id for r in valid]
+        if not valid:
+            log.warning("round %d: no valid replies; the model is unchanged", server_round)
+            return None, self._metrics(traffic)
+        weights = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
+        self.state, _ = apply_round(self.state, [r.payload for r in valid], weights, self.optimizer)
+        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(valid)
+        traffic.train_loss = sum(w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(weights, valid, strict=True))
+        norms = [r.metrics.get(protocol.RESIDUAL_NORM, 0.0) for r in valid]
+        traffic.residual_norm = sum(norms) / len(norms)
+        return self.current_arrays(), self._metrics(traffic)
+
+    def parse_reply(self, msg: Message) -> ValidReply:
+        """Check a training reply's records and decode its payload; raise PayloadError on anything wrong."""
+        content = msg.content
+        record = content.get(protocol.PAYLOAD) if protocol.PAYLOAD in content else None
+        if not isinstance(record, ConfigRecord) or protocol.PAYLOAD_BYTES not in record:
+            raise PayloadError(
+                f"reply has no {protocol.PAYLOAD!r} ConfigRecord with {protocol.PAYLOAD_BYTES!r}; "
+                f"got records {sorted(content.keys())}"
+            )
+        data = record[protocol.PAYLOAD_BYTES]
+        if not isinstance(data, bytes):
+            raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+        metrics = content.get(protocol.METRICS) if protocol.METRICS in content else None
+        if not isinstance(metrics, MetricRecord):
+            raise PayloadError(f"reply has no {protocol.METRICS!r} MetricRecord")
+        n = metrics.get(protocol.NUM_EXAMPLES)
+        if not isinstance(n, int) or n < 0:
+            raise PayloadError(f"{protocol.NUM_EXAMPLES!r} must be an integer >= 0, got {n!r}")
+        if self.config.server.weighting == "num-examples" and n == 0:
+            raise PayloadError("num-examples is 0, but replies are weighted by num-examples")
+        loss = metrics.get(protocol.TRAIN_LOSS, math.nan)
+        if not isinstance(loss, int | float) or not math.isfinite(loss):
+            raise PayloadError(f"{protocol.TRAIN_LOSS!r} must be a finite number, got {loss!r}")
+        payload = from_bytes(
+            data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
+        )
+        return ValidReply(msg.metadata.src_node_id, payload, n, dict(metrics))
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def current_arrays(self) -> ArrayRecord:
+        """The global model as named dense tensors (what Flower broadcasts next round)."""
+        tensors = unflatten(self.state.theta.detach().cpu(), self.spec)
+        return ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+
+    def _metrics(self, traffic: RoundTraffic) -> MetricRecord:
+        return MetricRecord(
+            {
+                "clients-ok": len(traffic.ok),
+                "clients-failed": len(traffic.failures),
+                "uplink-bytes": int(sum(traffic.uplink_bytes.values())),
+                "downlink-bytes": int(sum(traffic.downlink_bytes.values())),
+                "train-loss": float(traffic.train_loss),
+            }
+        )
