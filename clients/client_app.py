@@ -32,7 +32,7 @@ def _setup(msg: Message, context: Context):
     n_parts = int(context.node_config["num-partitions"])
     x, y = client_data(cfg.data, pid, n_parts, cfg.seed, device)
     bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
-    model = make_model(cfg.data, bundle, cfg.seed)
+    model = make_model(cfg.data, bundle, cfg.seed)  # architecture only: the weights come from the message
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
     model.to(device)
     server_round = int(record.get("server-round", 0))
@@ -64,6 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     compressor = build_compressor(cfg.compression, spec.block_sizes)
     residual = state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
+    residual_in = float(residual.norm()) if residual is not None else 0.0
     payload, residual = ef_step(compressor, update, residual, rng)
     data = to_bytes(payload)
     if residual is not None:
@@ -73,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
         protocol.NUM_EXAMPLES: int(x.shape[0]),
         protocol.TRAIN_LOSS: float(loss),
         protocol.RESIDUAL_NORM: float(residual.norm()) if residual is not None else 0.0,
+        protocol.RESIDUAL_NORM_IN: residual_in,
         protocol.STATE_ROUNDS: rounds,
     }
     content = RecordDict(

@@ -38,7 +38,7 @@ __all__ = [
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
-PARTITIONERS = ("dirichlet", "iid")
+PARTITIONERS = ("dirichlet", "iid", "full")  # simulations.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -101,7 +101,7 @@ SCHEMA: tuple[Key, ...] = (
     _key("randk-scaled", False, _BOOL, "send (d/k) x_S so that Rand-k is unbiased"),
     # --- server optimizer
     _key("server-opt", "amsgrad", _choice(tuple(SERVER_OPTIMIZERS)), "server optimizer"),
-    _key("server-lr", 0.001, _POS_FLOAT, "server learning rate eta"),
+    _key("server-lr", 0.003, _POS_FLOAT, "server learning rate eta"),
     _key("beta1", 0.9, _BETA, "first-moment decay (amsgrad, adam)"),
     _key("beta2", 0.999, _BETA, "second-moment decay (amsgrad, adam)"),
     _key("eps", 1e-8, _POS_FLOAT, "epsilon (inside the sqrt for amsgrad, outside for the torch variants)"),
@@ -118,7 +118,7 @@ SCHEMA: tuple[Key, ...] = (
     _key("model", "auto", _choice(MODELS), "model; auto picks the data set's default"),
     _key("data-dir", "", _ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
     _key("download", False, _BOOL, "allow downloading the data set into data-dir"),
-    _key("partitioner", "dirichlet", _choice(PARTITIONERS), "how the training set is split over clients"),
+    _key("partitioner", "dirichlet", _choice(PARTITIONERS), "split of the training set: dirichlet, iid, or full (every client has all)"),
     _key("dirichlet-alpha", 0.5, _POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
     _key(
         "min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"

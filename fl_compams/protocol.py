@@ -26,6 +26,7 @@ PROBE_MESSAGE_TYPE = f"query.{PROBE_ROUTE}"
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 RESIDUAL_NORM = "residual-norm"
+RESIDUAL_NORM_IN = "residual-norm-in"
 STATE_ROUNDS = "state-rounds"
 LOCAL_VARIANCE = "local-variance"
 

@@ -1,0 +1,1 @@
+"""Experiments: data sets, partitioning, models, the in-process runner and result files."""

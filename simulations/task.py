@@ -59,9 +59,7 @@ def client_data(
 def make_model(data: DataConfig, bundle: DataBundle, seed: int) -> torch.nn.Module:
     """The configured model with a deterministic initialisation for ``seed`` (global RNG left untouched)."""
     name = default_model_for(data.dataset) if data.model == "auto" else data.model
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(name, bundle.num_classes, bundle.input_shape)
+    return build_model(name, bundle.num_classes, bundle.input_shape, seed=seed)
 
 
 def resolve_device(name: str) -> torch.device:

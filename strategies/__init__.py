@@ -1,0 +1,1 @@
+"""Server side of the Flower app: the CompAMS strategy and the ServerApp."""

@@ -44,12 +44,15 @@ class RoundTraffic:
     ok: list[int] = field(default_factory=list)
     train_loss: float = math.nan
     residual_norm: float = math.nan
+    #: Per node id: bytes, payload size and the client's reported metrics (or its failure).
+    per_client: dict[int, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ValidReply:
     node_id: int
     payload: Payload
+    payload_bytes: int
     num_examples: int
     metrics: dict
 
@@ -129,6 +132,14 @@ class CompAMS(FedAvg):
                     traffic.failures[node] = str(err)
         for node, reason in traffic.failures.items():
             log.warning("round %d: dropped the reply of node %d: %s", server_round, node, reason)
+            traffic.per_client[node] = {"uplink_bytes": traffic.uplink_bytes.get(node, 0), "failure": reason}
+        for r in valid:
+            traffic.per_client[r.node_id] = {
+                "uplink_bytes": traffic.uplink_bytes[r.node_id],
+                "payload_bytes": r.payload_bytes,
+                "downlink_bytes": traffic.downlink_bytes.get(r.node_id, 0),
+                **{key.replace("-", "_"): value for key, value in r.metrics.items()},
+            }
         traffic.ok = [r.node_id for r in valid]
         if not valid:
             log.warning("round %d: no valid replies; the model is unchanged", server_round)
@@ -167,7 +178,7 @@ class CompAMS(FedAvg):
         payload = from_bytes(
             data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
         )
-        return ValidReply(msg.metadata.src_node_id, payload, n, dict(metrics))
+        return ValidReply(msg.metadata.src_node_id, payload, len(data), n, dict(metrics))
 
     # ------------------------------------------------------------------------------------------ helpers
     def current_arrays(self) -> ArrayRecord:

@@ -130,6 +130,7 @@ def _traffic_row(strategy: CompAMS, server_round: int, totals: dict[str, int]) -
         "clients_failed": len(traffic.failures),
         "failures": {str(k): v for k, v in traffic.failures.items()},
         "residual_norm": traffic.residual_norm,
+        "clients": {str(k): v for k, v in sorted(traffic.per_client.items())},
     }
 
 

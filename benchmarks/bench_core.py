@@ -1,0 +1,341 @@
+"""Throughput of the COMP-AMS core: encode, decode, EF step, codec and server aggregation vs. a plain copy.
+
+For every dimension d and compressor this times, on the CPU (float32 vectors):
+
+* ``encode``    ``c.encode(x)``
+* ``decode``    ``c.decode(payload)``
+* ``ef_step``   ``ef_step(c, x, residual)`` (x + e, encode, decode, subtract)
+* ``to_bytes``  ``to_bytes(payload)``
+* ``from_bytes`` ``from_bytes(data, d)`` (parse and validate one payload)
+* ``aggregate`` ``weighted_mean(payloads, weights, d)`` over the payloads of 10 different clients, each parsed
+  beforehand from its bytes (the parsing is not in this time; it is the ``from_bytes`` row, per payload)
+
+and reports the median time, the bandwidth ``4 d bytes / time`` (the float32 vector processed) and the ratio
+``t_copy / t_op`` to ``dst.copy_(x)`` into a preallocated tensor, measured in the same run with the same
+interleaved repetitions. For ``aggregate`` the ratio is ``t_copy / t_all_10`` (one copy of one vector against
+all 10 payloads), which is conservative. ``torch.topk`` (``torch.topk(x.abs(), k, sorted=False)``) is timed
+as a reference point for exact Top-k 1%.
+
+Run ``python benchmarks/bench_core.py`` (all four sizes) or ``--quick`` (1e5 and 1e6, a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fl_compams import aggregation_weights, ef_step, from_bytes, make_compressor, to_bytes, weighted_mean
+
+DEFAULT_DIMS = (100_000, 1_000_000, 10_000_000, 25_000_000)
+QUICK_DIMS = (100_000, 1_000_000)
+N_CLIENTS = 10
+TOPK_RATIO = 0.01
+# Fractions of d per block, like a small CNN's tensors (conv/fc weights with their tiny biases); the last
+# block takes the remainder, so block boundaries generally fall inside a byte of packed signs.
+BLOCK_FRACTIONS = (0.0017, 0.00003, 0.0371, 0.00007, 0.1483, 0.00013, 0.5912, 0.00041, 0.2207)
+# A timed sample repeats the call until it lasts at least this long (small d is otherwise timer noise).
+MIN_SAMPLE_S = 0.02
+MAX_INNER = 1000
+
+#: (compressor label, op) -> minimum fraction of copy bandwidth (t_copy / t_op).
+TARGETS = {
+    ("blocksign", "encode"): 0.25,
+    ("blocksign", "decode"): 0.25,
+    ("topk-1% int32+f32", "encode"): 0.10,
+    ("topk-1% varint+f16", "encode"): 0.10,
+    ("topk-1% int32+f32", "aggregate"): 0.20,
+    ("topk-1% varint+f16", "aggregate"): 0.20,
+}
+OPS = ("encode", "decode", "ef_step", "to_bytes", "from_bytes", "aggregate")
+
+
+def block_sizes_for(d: int) -> tuple[int, ...]:
+    """About ten uneven blocks that sum to d (the model's tensors for Block-Sign)."""
+    sizes = [max(1, int(f * d)) for f in BLOCK_FRACTIONS]
+    sizes.append(d - sum(sizes))
+    if sizes[-1] < 1:
+        raise ValueError(f"d={d} is too small for the benchmark's block layout")
+    return tuple(sizes)
+
+
+def compressors_for(d: int) -> dict[str, object]:
+    """The compressors under test, by label."""
+    return {
+        "identity": make_compressor("identity"),
+        "topk-1% int32+f32": make_compressor("topk", ratio=TOPK_RATIO),
+        "topk-1% varint+f16": make_compressor(
+            "topk", ratio=TOPK_RATIO, value_dtype="float16", index_coding="varint"
+        ),
+        "blocksign": make_compressor("blocksign", block_sizes=block_sizes_for(d)),
+    }
+
+
+@dataclass
+class Case:
+    """One timed call and the samples collected for it (seconds per call)."""
+
+    label: str
+    op: str
+    fn: Callable[[], object]
+    inner: int = 1
+    samples: list[float] | None = None
+
+    def calibrate(self) -> None:
+        """Warm up and choose how many calls one sample holds."""
+        t0 = time.perf_counter()
+        self.fn()
+        one = time.perf_counter() - t0
+        self.inner = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
+        self.samples = []
+
+    def sample(self) -> None:
+        """Time ``inner`` calls; record the mean time per call."""
+        fn = self.fn
+        t0 = time.perf_counter()
+        for _ in range(self.inner):
+            fn()
+        self.samples.append((time.perf_counter() - t0) / self.inner)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+def build_cases(d: int, seed: int) -> list[Case]:
+    """All timed calls for dimension d (inputs prepared here, outside the timings)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, generator=gen)
+    residual = 0.1 * torch.randn(d, generator=gen)
+    dst = torch.empty_like(x)
+    dst.copy_(x)
+    weights = aggregation_weights("uniform", [1] * N_CLIENTS)
+    k = make_compressor("topk", ratio=TOPK_RATIO).k_for(d)
+
+    cases = [
+        Case("copy", "copy", lambda: dst.copy_(x)),
+        Case("torch.topk", "encode", lambda: torch.topk(x.abs(), k, sorted=False)),
+    ]
+    for label, comp in compressors_for(d).items():
+        payload = comp.encode(x)
+        data = to_bytes(payload)
+        # 10 different clients: each encodes its own vector, the server parses the bytes, then aggregates.
+        client_payloads = []
+        for i in range(N_CLIENTS):
+            xi = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1 + i))
+            client_payloads.append(from_bytes(to_bytes(comp.encode(xi)), d))
+            del xi
+        cases += [
+            Case(label, "encode", lambda c=comp: c.encode(x)),
+            Case(label, "decode", lambda c=comp, p=payload: c.decode(p)),
+            Case(label, "ef_step", lambda c=comp: ef_step(c, x, residual)),
+            Case(label, "to_bytes", lambda p=payload: to_bytes(p)),
+            Case(label, "from_bytes", lambda b=data: from_bytes(b, d)),
+            Case(label, "aggregate", lambda ps=client_payloads: weighted_mean(ps, weights, d)),
+        ]
+    return cases
+
+
+def run_dim(d: int, repeats: int, seed: int) -> list[dict]:
+    """Time every case for dimension d with interleaved repetitions; return one row per case."""
+    cases = build_cases(d, seed)
+    for case in cases:
+        case.calibrate()
+    gc.collect()
+    gc.disable()
+    try:
+        for rep in range(repeats):
+            # rotate the order so that no case always follows the same neighbour
+            shift = rep % len(cases)
+            for case in cases[shift:] + cases[:shift]:
+                case.sample()
+    finally:
+        gc.enable()
+    t_copy = next(c for c in cases if c.op == "copy").median
+    rows = []
+    for case in cases:
+        t = case.median
+        target = TARGETS.get((case.label, case.op))
+        ratio = t_copy / t
+        rows.append(
+            {
+                "d": d,
+                "label": case.label,
+                "op": case.op,
+                "ms": t * 1e3,
+                "gbps": 4 * d / t / 1e9,
+                "ratio": ratio,
+                "target": target,
+                "ok": None if target is None else ratio >= target,
+                "inner": case.inner,
+                "spread": (max(case.samples) - min(case.samples)) / t,
+            }
+        )
+    del cases
+    gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- output
+def machine_info() -> list[str]:
+    """CPU model, cores, versions and thread counts."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    mem = "unknown"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+            mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    thp = "unknown"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().strip()
+    except OSError:
+        pass
+    return [
+        f"- CPU: {model} ({os.cpu_count()} logical cores, {usable} usable)",
+        f"- RAM: {mem}; transparent huge pages: {thp}",
+        f"- Python {platform.python_version()}, torch {torch.__version__} "
+        f"(intra-op threads {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()}), "
+        f"numpy {np.__version__}",
+        f"- THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}",
+    ]
+
+
+def fmt_d(d: int) -> str:
+    """1e5, 1e6, 2.5e7 ..."""
+    e = int(math.floor(math.log10(d)))
+    m = d / 10**e
+    return f"{m:g}e{e}" if m != 1 else f"1e{e}"
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    out = [
+        "| target | d | time (ms) | copy (ms) | ratio t_copy/t | required | result |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    copies = {r["d"]: r["ms"] for r in rows if r["op"] == "copy"}
+    for r in rows:
+        if r["target"] is None:
+            continue
+        out.append(
+            f"| {r['label']} {r['op']} | {fmt_d(r['d'])} | {fmt_ms(r['ms'])} | {fmt_ms(copies[r['d']])} "
+            f"| {100 * r['ratio']:.1f}% | {100 * r['target']:.0f}% | {'pass' if r['ok'] else 'MISS'} |"
+        )
+    return out
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    """One row per (d, compressor): ratio to copy of each op (compact overview)."""
+    out = [
+        "| d | compressor | " + " | ".join(OPS) + " | torch.topk |",
+        "|---|---|" + "---:|" * (len(OPS) + 1),
+    ]
+    by = {(r["d"], r["label"], r["op"]): r for r in rows}
+    for d in dict.fromkeys(r["d"] for r in rows):
+        copy = by[(d, "copy", "copy")]
+        out.append(
+            f"| {fmt_d(d)} | copy | {fmt_ms(copy['ms'])} ms = {copy['gbps']:.1f} GB/s"
+            + " |" * len(OPS)
+            + " |"
+        )
+        for label in dict.fromkeys(r["label"] for r in rows if r["d"] == d and r["op"] in OPS):
+            if label == "torch.topk":
+                continue
+            cells = [f"{100 * by[(d, label, op)]['ratio']:.1f}%" for op in OPS]
+            ref = by[(d, "torch.topk", "encode")] if label.startswith("topk") else None
+            cells.append(f"{100 * ref['ratio']:.1f}%" if ref else "")
+            out.append(f"| {fmt_d(d)} | {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def full_table(rows: list[dict]) -> list[str]:
+    out = [
+        "| d | compressor | op | time (ms) | GB/s | t_copy/t | spread | target |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        target = "" if r["target"] is None else f">= {100 * r['target']:.0f}%: {'pass' if r['ok'] else 'MISS'}"
+        out.append(
+            f"| {fmt_d(r['d'])} | {r['label']} | {r['op']} | {fmt_ms(r['ms'])} | {r['gbps']:.2f} "
+            f"| {100 * r['ratio']:.1f}% | {100 * r['spread']:.0f}% | {target} |"
+        )
+    return out
+
+
+def parse_dims(values: list[str]) -> tuple[int, ...]:
+    dims = []
+    for v in values:
+        for part in v.split(","):
+            if part.strip():
+                dims.append(int(float(part)))
+    return tuple(dims)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dims", nargs="+", default=None, help="vector sizes, e.g. 1e5 1e6 1e7 2.5e7 (the default)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed samples per case (median)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: only d = 1e5 and 1e6")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick and args.dims:
+        parser.error("--quick and --dims are exclusive")
+    dims = QUICK_DIMS if args.quick else parse_dims(args.dims) if args.dims else DEFAULT_DIMS
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    start = time.perf_counter()
+    print("## Machine\n")
+    print("\n".join(machine_info()))
+    print(f"\nCommand: `python {' '.join([os.path.relpath(sys.argv[0]), *(argv or sys.argv[1:])])}`")
+    print(f"dims {[fmt_d(d) for d in dims]}, {args.repeats} interleaved repetitions (median), seed {args.seed}\n")
+    rows: list[dict] = []
+    for d in dims:
+        t0 = time.perf_counter()
+        rows += run_dim(d, args.repeats, args.seed)
+        print(f"d={fmt_d(d)} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    print("## Targets (ratio = t_copy / t_op; aggregate = t_copy / t_all_10_payloads)\n")
+    print("\n".join(targets_table(rows)))
+    print("\n## Ratio to copy bandwidth, all ops (t_copy / t_op)\n")
+    print("\n".join(summary_table(rows)))
+    print("\n## All measurements (GB/s = 4 d bytes / time; spread = (max - min) / median over repetitions)\n")
+    print("\n".join(full_table(rows)))
+    misses = sum(1 for r in rows if r["ok"] is False)
+    total = sum(1 for r in rows if r["ok"] is not None)
+    print(f"\n{total - misses}/{total} target checks met; benchmark took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Small models for the simulations, built by name.
+
+All models map ``N x C x H x W`` float images to ``N x num_classes`` logits. None has BatchNorm or any other
+buffer: every tensor in the state dict is a trainable parameter, so the flat vector the core compresses is the
+whole model (design.md section 3).
+
+``digits-cnn``
+    Two 3x3 same-padding convolutions, 2x2 max-pool, dropout, two linear layers; sized for 1x8x8 digits
+    (about 151k parameters) and adapting to any ``C x H x W`` with ``H, W >= 2``.
+``mnist-cnn``
+    The MNIST CNN of the COMP-AMS paper (Li, Karimi & Li, "On Distributed Adaptive Optimization with Gradient
+    Compression", ICLR 2022, arXiv:2205.05632): two convolutional and two fully connected layers with ReLU,
+    and dropout 0.5 after the max-pooled convolutional block. Needs 28x28 images.
+``cifar-cnn``
+    The paper's "larger CNN with 3 convolutional layers" for CIFAR-10. Needs 32x32 images.
+``logreg``
+    Multinomial logistic regression (flatten + one linear layer) on any input shape: a convex model for exact
+    tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["available_models", "build_model", "count_parameters", "default_model_for"]
+
+Shape = tuple[int, int, int]
+
+
+def _require_spatial(name: str, input_shape: Shape, hw: tuple[int, int], hint: str) -> None:
+    """Raise ``ValueError`` unless the image size of ``input_shape`` is ``hw``."""
+    if tuple(input_shape[1:]) != hw:
+        raise ValueError(
+            f"Model {name!r} needs {hw[0]}x{hw[1]} images, got input_shape {tuple(input_shape)}. {hint}"
+        )
+
+
+def _digits_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build the digits CNN: conv-conv-pool-dropout-fc-fc, 3x3 same-padding convolutions.
+
+    conv(C->32, 3, pad 1), ReLU, conv(32->64, 3, pad 1), ReLU, maxpool 2, dropout 0.5, flatten,
+    fc(64 * (H//2) * (W//2) -> 128), ReLU, fc(128 -> num_classes). On 1x8x8 this has 151,306 parameters for 10
+    classes.
+    """
+    c, h, w = input_shape
+    if h < 2 or w < 2:
+        raise ValueError(
+            f"Model 'digits-cnn' needs images of at least 2x2 (it max-pools by 2), got input_shape "
+            f"{tuple(input_shape)}."
+        )
+    return nn.Sequential(
+        nn.Conv2d(c, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(64 * (h // 2) * (w // 2), 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _mnist_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build the COMP-AMS paper's MNIST CNN (Li, Karimi & Li, ICLR 2022, arXiv:2205.05632, experiments).
+
+    The paper's text gives only the structure: two convolutional and two fully connected layers, ReLU, and
+    dropout 0.5 after the max-pooled convolutional block. The layer widths appear only in a figure; the ones
+    here follow the PyTorch MNIST example: conv(C->32, 3), ReLU, conv(32->64, 3), ReLU, maxpool 2,
+    dropout 0.5, flatten, fc(9216 -> 128), ReLU, fc(128 -> num_classes).
+    """
+    _require_spatial(
+        "mnist-cnn", input_shape, (28, 28), "Use 'digits-cnn' for 8x8 digits or 'logreg' for other sizes."
+    )
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(c, 32, kernel_size=3),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, kernel_size=3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(64 * 12 * 12, 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def _cifar_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build the CIFAR-10 CNN: "a larger CNN with 3 convolutional layers" (COMP-AMS paper, experiments).
+
+    Three blocks of conv(3x3, pad 1), ReLU, maxpool 2 with 32, 64 and 128 channels, then flatten,
+    dropout 0.5, fc(128 * 4 * 4 -> 256), ReLU, fc(256 -> num_classes).
+    """
+    _require_spatial(
+        "cifar-cnn", input_shape, (32, 32), "Use 'digits-cnn' for 8x8 digits or 'mnist-cnn' for 28x28."
+    )
+    c = input_shape[0]
+    return nn.Sequential(
+        nn.Conv2d(c, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(128 * 4 * 4, 256),
+        nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def _logreg(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build multinomial logistic regression: flatten, then one linear layer to the logits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+# The only name -> model map. A builder takes (num_classes, input_shape).
+_MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
+    "digits-cnn": _digits_cnn,
+    "mnist-cnn": _mnist_cnn,
+    "cifar-cnn": _cifar_cnn,
+    "logreg": _logreg,
+}
+
+_DEFAULT_FOR_DATASET = {
+    "digits": "digits-cnn",
+    "mnist": "mnist-cnn",
+    "fashion-mnist": "mnist-cnn",
+    "cifar10": "cifar-cnn",
+}
+
+
+def available_models() -> tuple[str, ...]:
+    """Return the names :func:`build_model` accepts."""
+    return tuple(_MODELS)
+
+
+def default_model_for(dataset: str) -> str:
+    """Return the default model name for a data set.
+
+    Parameters
+    ----------
+    dataset : str
+        A data set name (``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``).
+
+    Returns
+    -------
+    str
+        ``"digits-cnn"``, ``"mnist-cnn"`` or ``"cifar-cnn"``.
+
+    Raises
+    ------
+    ValueError
+        If the data set has no default model.
+    """
+    try:
+        return _DEFAULT_FOR_DATASET[dataset]
+    except KeyError:
+        known = ", ".join(repr(k) for k in _DEFAULT_FOR_DATASET)
+        raise ValueError(
+            f"No default model for data set {dataset!r}; known data sets: {known}. Name a model explicitly."
+        ) from None
+
+
+def build_model(
+    name: str, num_classes: int, input_shape: tuple[int, int, int], *, seed: int | None = None
+) -> nn.Module:
+    """Build a model by name.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`available_models`: ``"digits-cnn"``, ``"mnist-cnn"``, ``"cifar-cnn"``, ``"logreg"``.
+    num_classes : int
+        Number of output logits (``>= 2``).
+    input_shape : tuple of int
+        ``(C, H, W)`` of one input image.
+    seed : int or None, default None
+        If given, the initial weights are drawn from a CPU generator seeded with it, inside
+        ``torch.random.fork_rng`` so the global torch RNG is left untouched; the same seed gives the same
+        weights. If None, torch's global RNG is used (PyTorch's default initialisation).
+
+    Returns
+    -------
+    torch.nn.Module
+        A freshly initialised model on the CPU, in training mode, without buffers.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is unknown, ``num_classes < 2``, ``input_shape`` is not three positive ints, or the model
+        cannot take that input shape (e.g. ``"mnist-cnn"`` on 8x8 images).
+    """
+    try:
+        builder = _MODELS[name]
+    except KeyError:
+        known = ", ".join(repr(k) for k in _MODELS)
+        raise ValueError(f"Unknown model {name!r}; choose one of {known}.") from None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise ValueError(
+            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}."
+        )
+    if seed is None:
+        return builder(num_classes, shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(num_classes, shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of trainable scalars of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,96 @@
+"""Tests for simulations.models: shapes, sizes, no buffers, seeded initialisation."""
+
+import pytest
+import torch
+from torch import nn
+
+from simulations.models import available_models, build_model, count_parameters, default_model_for
+
+NATIVE_SHAPES = {
+    "digits-cnn": (1, 8, 8),
+    "mnist-cnn": (1, 28, 28),
+    "cifar-cnn": (3, 32, 32),
+    "logreg": (1, 8, 8),
+}
+
+
+def test_every_model_has_a_native_shape_here():
+    assert set(available_models()) == set(NATIVE_SHAPES)
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_SHAPES))
+@pytest.mark.parametrize("num_classes", [10, 7])
+def test_forward_gives_batch_by_classes(name, num_classes):
+    shape = NATIVE_SHAPES[name]
+    model = build_model(name, num_classes, shape, seed=0)
+    out = model(torch.randn(3, *shape, generator=torch.Generator().manual_seed(1)))
+    assert out.shape == (3, num_classes)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(NATIVE_SHAPES))
+def test_models_have_no_buffers_and_no_batchnorm(name):
+    model = build_model(name, 10, NATIVE_SHAPES[name])
+    assert list(model.buffers()) == []
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # every state-dict entry is a trainable parameter
+    assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}
+
+
+def test_parameter_counts():
+    digits = count_parameters(build_model("digits-cnn", 10, (1, 8, 8)))
+    assert digits >= 100_000
+    assert digits == 151_306  # 320 + 18,496 + 131,200 + 1,290
+    assert count_parameters(build_model("mnist-cnn", 10, (1, 28, 28))) == 1_199_882  # fc1 is 9216 -> 128
+    assert count_parameters(build_model("cifar-cnn", 10, (3, 32, 32))) == 620_362
+    assert count_parameters(build_model("logreg", 10, (1, 8, 8))) == 650
+
+
+def test_shapes_adapt_where_meaningful():
+    assert build_model("logreg", 3, (3, 5, 7))(torch.zeros(2, 3, 5, 7)).shape == (2, 3)
+    assert build_model("digits-cnn", 4, (3, 12, 10))(torch.zeros(2, 3, 12, 10)).shape == (2, 4)
+    assert build_model("mnist-cnn", 10, (3, 28, 28))(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    assert build_model("cifar-cnn", 100, (1, 32, 32))(torch.zeros(2, 1, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "match"),
+    [
+        ("mnist-cnn", (1, 8, 8), "28x28"),
+        ("cifar-cnn", (1, 28, 28), "32x32"),
+        ("digits-cnn", (1, 1, 8), "2x2"),
+    ],
+)
+def test_input_shape_mismatch_raises(name, shape, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, 10, shape)
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="digits-cnn"):
+        build_model("resnet50", 10, (3, 32, 32))
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("logreg", 1, (1, 8, 8))
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("logreg", 10, (8, 8))
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("logreg", 10, (1, 0, 8))
+
+
+def test_default_models():
+    assert default_model_for("digits") == "digits-cnn"
+    assert default_model_for("mnist") == "mnist-cnn"
+    assert default_model_for("fashion-mnist") == "mnist-cnn"
+    assert default_model_for("cifar10") == "cifar-cnn"
+    with pytest.raises(ValueError, match="cifar10"):
+        default_model_for("imdb")
+
+
+def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
+    before = torch.get_rng_state()
+    a = build_model("digits-cnn", 10, (1, 8, 8), seed=3).state_dict()
+    b = build_model("digits-cnn", 10, (1, 8, 8), seed=3).state_dict()
+    c = build_model("digits-cnn", 10, (1, 8, 8), seed=4).state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
