@@ -17,7 +17,7 @@ from fl_compams import protocol
 from fl_compams.codec import to_bytes
 from fl_compams.config import ExperimentConfig, build_compressor, parse_config
 from fl_compams.error_feedback import ef_step
-from fl_compams.flat import ParamSpec, flatten
+from fl_compams.flat import ParamSpec
 from simulations.task import client_data, load_data, make_model, resolve_device
 
 app = ClientApp()
@@ -49,7 +49,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, device, pid, server_round, x, y, model = _setup(msg, context)
     spec = ParamSpec.from_module(model)
     if spec.buffer_dim:
-        raise ValueError("models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet")
+        raise ValueError(
+            "models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet"
+        )
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
         update, loss = local_update(
@@ -62,7 +64,9 @@ def train(msg: Message, context: Context) -> Message:
             generator=_generator(cfg, pid, server_round, 0),
         )
     compressor = build_compressor(cfg.compression, spec.block_sizes)
-    residual = state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
+    residual = (
+        state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
+    )
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
     residual_in = float(residual.norm()) if residual is not None else 0.0
     payload, residual = ef_step(compressor, update, residual, rng)

@@ -118,7 +118,12 @@ SCHEMA: tuple[Key, ...] = (
     _key("model", "auto", _choice(MODELS), "model; auto picks the data set's default"),
     _key("data-dir", "", _ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
     _key("download", False, _BOOL, "allow downloading the data set into data-dir"),
-    _key("partitioner", "dirichlet", _choice(PARTITIONERS), "split of the training set: dirichlet, iid, or full (every client has all)"),
+    _key(
+        "partitioner",
+        "dirichlet",
+        _choice(PARTITIONERS),
+        "split of the training set: dirichlet, iid, or full (every client has all)",
+    ),
     _key("dirichlet-alpha", 0.5, _POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
     _key(
         "min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"

@@ -17,7 +17,7 @@ from fl_compams.aggregate import weighted_mean
 from fl_compams.payloads import Payload
 from fl_compams.server_opt import ServerOptimizer
 
-__all__ = ["ServerState", "init_server_state", "apply_round"]
+__all__ = ["ServerState", "apply_round", "init_server_state"]
 
 
 class ServerState(NamedTuple):
@@ -40,6 +40,8 @@ def apply_round(
     optimizer: ServerOptimizer,
 ) -> tuple[ServerState, torch.Tensor]:
     """``g_bar = sum_i w_i decode(p_i)``; ``theta_{t+1} = theta_t + delta(g_bar)``. Returns (state, g_bar)."""
-    g_bar = weighted_mean(payloads, weights, state.theta.numel(), device=state.theta.device, dtype=state.theta.dtype)
+    g_bar = weighted_mean(
+        payloads, weights, state.theta.numel(), device=state.theta.device, dtype=state.theta.dtype
+    )
     delta, opt_state = optimizer.update(g_bar, state.opt_state)
     return ServerState(state.round + 1, state.theta + delta, opt_state), g_bar

@@ -50,6 +50,8 @@ class RoundTraffic:
 
 @dataclass(frozen=True)
 class ValidReply:
+    """A training reply that passed validation, with its decoded payload."""
+
     node_id: int
     payload: Payload
     payload_bytes: int
@@ -147,7 +149,9 @@ class CompAMS(FedAvg):
         weights = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
         self.state, _ = apply_round(self.state, [r.payload for r in valid], weights, self.optimizer)
         traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(valid)
-        traffic.train_loss = sum(w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(weights, valid, strict=True))
+        traffic.train_loss = sum(
+            w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(weights, valid, strict=True)
+        )
         norms = [r.metrics.get(protocol.RESIDUAL_NORM, 0.0) for r in valid]
         traffic.residual_norm = sum(norms) / len(norms)
         return self.current_arrays(), self._metrics(traffic)

@@ -69,7 +69,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 36
         },
     )
     parts = partitions(cfg.data, len(node_ids), cfg.seed) if node_ids else ()
-    results.write_json("partitions.json", partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes))
+    results.write_json(
+        "partitions.json", partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes)
+    )
     test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
     totals = {"up": 0, "down": 0, "probe": 0}
     started = time.perf_counter()

@@ -1,5 +1,6 @@
 """End-to-end runs through Flower's simulation engine (Ray), with the same apps as `flwr run .`."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_compams import AMSGrad, ConfigError, ParamSpec, flatten, parse_config
+from fl_compams import AMSGrad, ConfigError, ParamSpec, flatten, parse_config, unflatten
 from simulations.results import load_model, read_metrics
 from simulations.runner import run_experiment
 from simulations.task import load_data, make_model
@@ -25,7 +26,7 @@ def run(tmp_path, name, n, **overrides):
 
 
 def test_bad_config_fails_before_ray_starts():
-    with pytest.raises(ConfigError, match="unknown config key.*'server_lr'"):
+    with pytest.raises(ConfigError, match=r"unknown config key.*'server_lr'"):
         run_experiment({"server_lr": 0.1})
 
 
@@ -39,10 +40,10 @@ def test_residuals_persist_and_unsampled_clients_keep_theirs(tmp_path):
             history.setdefault(node, []).append((r["round"], c))
     assert len(history) == 3
     gaps = 0
-    for node, visits in history.items():
+    for visits in history.values():
         assert [c["state_rounds"] for _, c in visits] == list(range(1, len(visits) + 1))
         assert visits[0][1]["residual_norm_in"] == 0.0  # e_1 = 0
-        for (r0, prev), (r1, cur) in zip(visits, visits[1:], strict=False):
+        for (r0, prev), (r1, cur) in itertools.pairwise(visits):
             # the residual a client restores is exactly the one it stored, however many rounds it sat out
             assert cur["residual_norm_in"] == pytest.approx(prev["residual_norm"], rel=1e-6)
             assert cur["residual_norm_in"] > 0
@@ -75,8 +76,6 @@ def test_identity_full_batch_equals_centralized_amsgrad(tmp_path):
     theta = flatten(model.state_dict(), spec)
     state = opt.init(theta)
     for _ in range(4):
-        from fl_compams.flat import unflatten
-
         model.load_state_dict(unflatten(theta, spec))
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(bundle.train_x), bundle.train_y).backward()
@@ -117,7 +116,11 @@ def test_measured_uplink_is_payload_plus_fixed_overhead_and_compresses(byte_runs
 @pytest.mark.parametrize("partitioner,alpha", [("full", 0.5), ("dirichlet", 0.1)])
 def test_sigma_g2_probe(tmp_path, partitioner, alpha):
     _, rows = run(
-        tmp_path, partitioner, 4, partitioner=partitioner, **{"dirichlet-alpha": alpha, "probe-every": 1, "num-server-rounds": 2}
+        tmp_path,
+        partitioner,
+        4,
+        partitioner=partitioner,
+        **{"dirichlet-alpha": alpha, "probe-every": 1, "num-server-rounds": 2},
     )
     probed = [r for r in rows if "sigma_g2" in r]
     assert len(probed) == 2

@@ -30,14 +30,18 @@ def make_strategy(**overrides):
 
 
 def instruction(node):
-    return Message(content=RecordDict({"x": ConfigRecord({"a": 1})}), message_type=MessageType.TRAIN, dst_node_id=node)
+    return Message(
+        content=RecordDict({"x": ConfigRecord({"a": 1})}), message_type=MessageType.TRAIN, dst_node_id=node
+    )
 
 
 def reply(node, data, n=10, loss=1.0, **extra_metrics):
     content = RecordDict(
         {
             protocol.PAYLOAD: ConfigRecord({protocol.PAYLOAD_BYTES: data}),
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: loss, **extra_metrics}),
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: n, protocol.TRAIN_LOSS: loss, **extra_metrics}
+            ),
         }
     )
     return Message(content, reply_to=instruction(node))
@@ -83,7 +87,10 @@ def test_aggregation_equals_hand_computation(compressor):
 def test_num_examples_weighting():
     strategy, theta0 = make_strategy(compressor="identity", weighting="num-examples")
     xs = updates(1, 2)
-    replies = [reply(1, to_bytes(strategy.compressor.encode(xs[0])), n=1), reply(2, to_bytes(strategy.compressor.encode(xs[1])), n=3)]
+    replies = [
+        reply(1, to_bytes(strategy.compressor.encode(xs[0])), n=1),
+        reply(2, to_bytes(strategy.compressor.encode(xs[1])), n=3),
+    ]
     strategy.aggregate_train(1, replies)
     assert torch.allclose(strategy.state.theta, step_one(theta0, 0.25 * xs[0] + 0.75 * xs[1]), atol=1e-6)
 
@@ -91,11 +98,15 @@ def test_num_examples_weighting():
 def bad_replies(strategy):
     good = to_bytes(strategy.compressor.encode(updates(9, 1)[0]))
     other_dim = to_bytes(build_compressor(strategy.config.compression).encode(torch.randn(26)))
-    blocksign = to_bytes(build_compressor(parse_config({"compressor": "blocksign"}).compression).encode(torch.randn(25)))
+    blocksign = to_bytes(
+        build_compressor(parse_config({"compressor": "blocksign"}).compression).encode(torch.randn(25))
+    )
     nan_values = bytearray(good)
     nan_values[-4:] = bytes.fromhex("0000c07f")  # float32 NaN in the last value
     err = Message(Error(code=0, reason="ValueError: boom"), reply_to=instruction(205))
-    no_payload = Message(RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1})}), reply_to=instruction(206))
+    no_payload = Message(
+        RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 1})}), reply_to=instruction(206)
+    )
     return {
         200: reply(200, good[:-3]),
         201: reply(201, other_dim),
@@ -127,7 +138,10 @@ def test_bad_replies_are_dropped_reported_and_never_touch_the_model():
     clean, _ = make_strategy(**{"topk-k": 3})
     clean.aggregate_train(1, good)
     assert torch.equal(strategy.state.theta, clean.state.theta)
-    assert all(torch.equal(a, b) for a, b in zip(strategy.state.opt_state[1:], clean.state.opt_state[1:], strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(strategy.state.opt_state[1:], clean.state.opt_state[1:], strict=True)
+    )
     traffic = strategy.traffic[1]
     assert sorted(traffic.ok) == [0, 1]
     assert set(traffic.failures) == set(reasons)
@@ -154,7 +168,9 @@ class FakeGrid:
 
 def test_configure_train_sends_client_settings_and_measures_downlink():
     strategy, _ = make_strategy(compressor="blocksign", **{"fraction-train": 0.5})
-    messages = list(strategy.configure_train(3, strategy.current_arrays(), ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    messages = list(
+        strategy.configure_train(3, strategy.current_arrays(), ConfigRecord(), FakeGrid([1, 2, 3, 4]))
+    )
     assert len(messages) == 2
     config = messages[0].content[protocol.CONFIG]
     assert config["compressor"] == "blocksign" and config["server-round"] == 3
