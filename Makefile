@@ -18,7 +18,7 @@ run: $(STAMP)
 	bash scripts/run_local.sh
 
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -m "slow or not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -3,6 +3,10 @@
 Per round (Li, Karimi & Li, Algorithm 2, worker side): restore e from ``context.state``; compute the update u at
 the received model (H local steps; H = 1 is one minibatch gradient); ``payload = C(u + e)``;
 ``e' = u + e - decode(payload)``; store e'; reply with the payload's wire bytes and metrics.
+
+Data: a partition of the central data set (node config ``partition-id``, ``num-partitions``) or the node's own
+``.npz`` file (``data-file``), see :mod:`clients.local_data`. State: ``context.state``, mirrored to node-local disk
+when the node config sets ``state-dir`` so that it survives a SuperNode restart, see :mod:`clients.state_io`.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients import state_io
+from clients.local_data import node_data
 from clients.training import evaluate, full_gradient, local_update
 from fl_compams import protocol
 from fl_compams.codec import to_bytes
 from fl_compams.config import ExperimentConfig, build_compressor, parse_config
 from fl_compams.error_feedback import ef_step
 from fl_compams.flat import ParamSpec
-from simulations.task import client_data, load_data, make_model, resolve_device
+from simulations.task import model_for_task, resolve_device, task_shape
 
 app = ClientApp()
 
@@ -28,11 +33,14 @@ def _setup(msg: Message, context: Context):
     record = msg.content[protocol.CONFIG]
     cfg = parse_config({k: record[k] for k in protocol.CLIENT_KEYS if k in record})
     device = resolve_device(cfg.train.device)
-    pid = int(context.node_config["partition-id"])
-    n_parts = int(context.node_config["num-partitions"])
-    x, y = client_data(cfg.data, pid, n_parts, cfg.seed, device)
-    bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
-    model = make_model(cfg.data, bundle, cfg.seed)  # architecture only: the weights come from the message
+    input_shape, num_classes = task_shape(cfg.data)
+    data = node_data(cfg.data, context.node_config, cfg.seed, device, input_shape, num_classes)
+    pid, x, y = (
+        data.seed_id,
+        data.x,
+        data.y,
+    )  # pid seeds this node's randomness (its partition id if it has one)
+    model = model_for_task(cfg.data, cfg.seed)  # architecture only: the weights come from the message
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
     model.to(device)
     server_round = int(record.get("server-round", 0))
@@ -52,6 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(
             "models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet"
         )
+    state_io.restore_from_disk(context, spec.dim)  # after a SuperNode restart (node config state-dir)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
         update, loss = local_update(
@@ -74,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
     if residual is not None:
         state_io.save_residual(context.state, residual)
     rounds = state_io.bump_rounds(context.state)
+    state_io.save_to_disk(context)
     metrics = {
         protocol.NUM_EXAMPLES: int(x.shape[0]),
         protocol.TRAIN_LOSS: float(loss),
@@ -97,6 +107,18 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     loss, acc = evaluate(model, x, y)
     metrics = MetricRecord({protocol.NUM_EXAMPLES: int(x.shape[0]), "loss": loss, "accuracy": acc})
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+
+
+@app.query(protocol.HELLO_ROUTE)
+def hello(msg: Message, context: Context) -> Message:
+    """Tell the server this node's stable name (partition id, or the ``node-name`` node-config key)."""
+    info = ConfigRecord(
+        {
+            protocol.PARTITION_ID: int(context.node_config.get("partition-id", -1)),
+            protocol.NODE_NAME: str(context.node_config.get("node-name", "")),
+        }
+    )
+    return Message(RecordDict({protocol.NODE_INFO: info}), reply_to=msg)
 
 
 @app.query(protocol.PROBE_ROUTE)

@@ -41,6 +41,14 @@ def pack_uint(values: np.ndarray, width: int) -> np.ndarray:
 
 
 def unpack_uint(packed: np.ndarray, count: int, width: int) -> np.ndarray:
-    """Inverse of :func:`pack_uint`: ``count`` integers of ``width`` bits, as int64."""
-    bit_matrix = np.unpackbits(packed, count=count * width).reshape(count, width).astype(np.int64)
-    return bit_matrix @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64))
+    """Inverse of :func:`pack_uint` for ``width <= 16``: ``count`` integers, as uint16.
+
+    Memory stays at about 18 bytes per integer: the bits are left-padded to 16 per row and repacked as
+    big-endian uint16 instead of being multiplied out in int64.
+    """
+    if not 1 <= width <= 16:
+        raise ValueError(f"width must be in [1, 16], got {width}")
+    bits = np.unpackbits(packed, count=count * width).reshape(count, width)
+    padded = np.zeros((count, 16), dtype=np.uint8)
+    padded[:, 16 - width :] = bits
+    return np.packbits(padded, axis=1).view(">u2").reshape(count).astype(np.uint16)

@@ -39,7 +39,7 @@ from fl_compams.payloads import (
     SparsePayload,
 )
 
-__all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "from_bytes", "to_bytes"]
+__all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "from_bytes", "max_encoded_size", "to_bytes"]
 
 MAGIC = b"CAMS"
 FORMAT_VERSION = 1
@@ -155,6 +155,11 @@ def _varint_encode(values: np.ndarray) -> bytes:
     return groups[pos[None, :] < n_bytes[:, None]].tobytes()
 
 
+def max_encoded_size(dim: int) -> int:
+    """Upper bound on the size of any valid payload of dimension ``dim`` (sparse with 5-byte varints: 9d)."""
+    return HEADER_SIZE + 9 * dim + 64
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 class _Reader:
     """Cursor over the body that only hands out views after checking the bytes are there."""
@@ -215,6 +220,11 @@ def from_bytes(
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     if len(data) < HEADER_SIZE:
         raise PayloadError(f"truncated payload: {len(data)} bytes, the header alone is {HEADER_SIZE}")
+    if len(data) > max_encoded_size(expected_dim):
+        raise PayloadError(
+            f"oversize payload: {len(data)} bytes, while no valid payload for dimension {expected_dim} "
+            f"exceeds {max_encoded_size(expected_dim)} bytes"
+        )
     magic, version, kind_code, value_code, index_code, dim = _HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise PayloadError(f"bad magic: expected {MAGIC!r}, got {bytes(magic)!r} (not a COMP-AMS payload)")

@@ -78,6 +78,7 @@ _BOOL = ((lambda v: True), "true or false")
 _POS_INT = ((lambda v: v >= 1), "an integer >= 1")
 _NONNEG_INT = ((lambda v: v >= 0), "an integer >= 0")
 _POS_FLOAT = ((lambda v: v > 0 and math.isfinite(v)), "a finite number > 0")
+_NONNEG_FLOAT = ((lambda v: v >= 0 and math.isfinite(v)), "a finite number >= 0")
 _UNIT_OPEN = _range(0.0, 1.0, lo_open=True)
 _BETA = _range(0.0, 1.0, hi_open=True)
 
@@ -108,6 +109,16 @@ SCHEMA: tuple[Key, ...] = (
     _key("server-momentum", 0.0, _BETA, "momentum of the sgd server optimizer"),
     _key("nesterov", False, _BOOL, "Nesterov momentum for the sgd server optimizer"),
     _key("weighting", "uniform", _choice(WEIGHTINGS), "average client updates uniformly or by example count"),
+    # --- robustness
+    _key("round-timeout", 600.0, _POS_FLOAT, "seconds the server waits for replies in a round"),
+    _key("min-valid-replies", 1, _POS_INT, "below this many valid replies a round changes nothing"),
+    _key("max-update-norm", 0.0, _NONNEG_FLOAT, "clip or reject decoded updates above this l2 norm; 0 = off"),
+    _key(
+        "update-norm-action",
+        "clip",
+        _choice(("clip", "reject")),
+        "what max-update-norm does to a large update",
+    ),
     # --- client training
     _key("local-steps", 1, _POS_INT, "local SGD steps H per round (H = 1: one minibatch gradient)"),
     _key("local-lr", 0.05, _POS_FLOAT, "local SGD learning rate (used when local-steps > 1)"),
@@ -130,6 +141,8 @@ SCHEMA: tuple[Key, ...] = (
     ),
     # --- diagnostics and output
     _key("probe-every", 0, _NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never"),
+    _key("checkpoint-every", 0, _NONNEG_INT, "write the server state every this many rounds; 0 = never"),
+    _key("resume", False, _BOOL, "continue from the latest valid checkpoint in the run directory"),
     _key("run-name", "", _ANY_STR, "results go to <out-dir>/<run-name>; empty = a timestamped name"),
     _key(
         "out-dir", "", _ANY_STR, "results root; empty = runs/ under the directory flwr run was started from"
@@ -169,6 +182,10 @@ class ServerConfig:
     server_momentum: float
     nesterov: bool
     weighting: str
+    round_timeout: float
+    min_valid_replies: int
+    max_update_norm: float
+    update_norm_action: str
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,8 @@ class OutputConfig:
     """Diagnostics and where results go."""
 
     probe_every: int
+    checkpoint_every: int
+    resume: bool
     run_name: str
     out_dir: str
 
@@ -277,6 +296,8 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         raise ConfigError("config key 'nesterov': only applies to server-opt = 'sgd'")
     if cfg.server.nesterov and cfg.server.server_momentum == 0.0:
         raise ConfigError("config key 'nesterov': needs server-momentum > 0")
+    if cfg.output.resume and not cfg.output.run_name:
+        raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
 
 

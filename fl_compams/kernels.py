@@ -18,6 +18,10 @@ __all__ = ["blocksign_decode", "blocksign_encode", "topk_indices"]
 # Sample size for the Top-k threshold estimate and the head-room above k that the threshold aims for.
 _SAMPLE = 1 << 16
 _SLACK = 1.25
+# Elements per chunk of the CPU passes: the temporaries stay in the L2 cache instead of d-sized arrays.
+_CHUNK = 1 << 17
+# Byte -> its 8 bits, most significant first (np.packbits order): the Block-Sign decode lookup table.
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.bool_)
 
 
 def _use_numpy(x: torch.Tensor, device_path: bool) -> bool:
@@ -48,30 +52,45 @@ def _threshold_candidates(sorted_sample: np.ndarray | torch.Tensor, d: int, k: i
 
 
 def _topk_numpy(x: np.ndarray, k: int) -> np.ndarray:
-    a = np.abs(x)
-    d = a.size
-    if 4 * k >= d:
-        cands = np.arange(d)
-    else:
-        sample = np.sort(a[:: max(1, d // _SAMPLE)])
-        cands = None
+    d = x.size
+    cands = None
+    if 4 * k < d:
+        sample = np.sort(np.abs(x[:: max(1, d // _SAMPLE)]))
         for attempt in range(4):
             t = _threshold_candidates(sample, d, k, attempt)
             if t is None:
                 break
-            c = np.flatnonzero(a >= t)
+            c = _at_or_above_numpy(x, t)
             if c.size >= k:
                 cands = c
                 break
-        if cands is None:
-            cands = np.arange(d)
-    vals = a[cands]
+    if cands is None:
+        cands = np.arange(d)
+        vals = np.abs(x)
+    else:
+        vals = np.abs(x[cands])
     m = vals.size
     kth = np.partition(vals, m - k)[m - k]  # the k-th largest magnitude
     keep = vals > kth
     need = k - int(np.count_nonzero(keep))
     keep[np.flatnonzero(vals == kth)[:need]] = True  # ties: lowest indices first
     return cands[keep].astype(np.int64)
+
+
+def _at_or_above_numpy(x: np.ndarray, t) -> np.ndarray:
+    """``np.flatnonzero(np.abs(x) >= t)``, one cache-sized chunk at a time (no d-sized temporaries)."""
+    d = x.size
+    buf = np.empty(min(d, _CHUNK), dtype=x.dtype)
+    mask = np.empty(buf.size, dtype=np.bool_)
+    parts = []
+    for start in range(0, d, _CHUNK):
+        n = min(_CHUNK, d - start)
+        np.abs(x[start : start + n], out=buf[:n])
+        np.greater_equal(buf[:n], t, out=mask[:n])
+        c = np.flatnonzero(mask[:n])
+        if c.size:
+            parts.append(c + start)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.intp)
 
 
 def _topk_torch(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -106,7 +125,7 @@ def blocksign_encode(
     """Packed sign bits (1 for x >= 0) and per-block scales ``||x_B||_1 / d_B`` (Li et al., Def. 2)."""
     scales = torch.stack([torch.linalg.vector_norm(b, 1) / b.numel() for b in torch.split(x, block_sizes)])
     if _use_numpy(x, device_path):
-        signs = torch.from_numpy(np.packbits(x.numpy() >= 0))
+        signs = torch.from_numpy(_pack_signs_numpy(x.numpy()))
     else:
         signs = pack_bits(x >= 0)
     return signs, scales
@@ -122,15 +141,45 @@ def blocksign_decode(
 ) -> torch.Tensor:
     """``sign_B * scale_B`` for every block, concatenated into one dense vector of ``scales.dtype``."""
     if _use_numpy(signs, device_path):
-        bits = np.unpackbits(signs.numpy(), count=dim)
-        out = np.empty(dim, dtype=torch.empty(0, dtype=scales.dtype).numpy().dtype)
-        offset = 0
-        for size, s in zip(block_sizes, scales.numpy(), strict=True):
-            table = np.array([-s, s], dtype=out.dtype)
-            np.take(table, bits[offset : offset + size], out=out[offset : offset + size])
-            offset += size
-        return torch.from_numpy(out)
+        return torch.from_numpy(_blocksign_decode_numpy(signs.numpy(), scales.numpy(), block_sizes, dim))
     bits = unpack_bits(signs, dim)
     sizes = torch.tensor(block_sizes, device=scales.device)
     per_coord = torch.repeat_interleave(scales, sizes, output_size=dim)
     return torch.where(bits, per_coord, -per_coord)
+
+
+def _pack_signs_numpy(x: np.ndarray) -> np.ndarray:
+    """``np.packbits(x >= 0)``, one cache-sized chunk (a multiple of 8) at a time."""
+    d = x.size
+    out = np.empty((d + 7) // 8, dtype=np.uint8)
+    mask = np.empty(min(d, _CHUNK), dtype=np.bool_)
+    for start in range(0, d, _CHUNK):
+        n = min(_CHUNK, d - start)
+        np.greater_equal(x[start : start + n], 0, out=mask[:n])
+        out[start // 8 : (start + n + 7) // 8] = np.packbits(mask[:n])
+    return out
+
+
+def _blocksign_decode_numpy(
+    signs: np.ndarray, scales: np.ndarray, block_sizes: tuple[int, ...], dim: int
+) -> np.ndarray:
+    """``sign_B * scale_B`` per block, whole bytes of signs at a time.
+
+    A 256 x 8 table of ``+-scale_B`` maps each whole byte of the block's signs to its 8 values in one gather;
+    the at most 7 coordinates at each end of a block that share a byte with a neighbour are done bit by bit.
+    """
+    out = np.empty(dim, dtype=scales.dtype)
+    offset = 0
+    for size, s in zip(block_sizes, scales, strict=True):
+        end = offset + size
+        lo = min(-(-offset // 8) * 8, end)  # first coordinate of the block's first whole byte
+        hi = max(end // 8 * 8, lo)  # end of its last whole byte
+        for a, b in ((offset, lo), (hi, end)):
+            if b > a:
+                bits = np.unpackbits(signs[a // 8 : (b + 7) // 8])[a % 8 : a % 8 + b - a]
+                out[a:b] = np.where(bits.view(np.bool_), s, -s)
+        if hi > lo:
+            table = np.where(_BYTE_BITS, s, -s).astype(out.dtype, copy=False)
+            np.take(table, signs[lo // 8 : hi // 8], axis=0, out=out[lo:hi].reshape(-1, 8), mode="clip")
+        offset = end
+    return out

@@ -66,6 +66,10 @@ class DensePayload:
         """``out += weight * decode(self)``, in place."""
         out.add_(self.values.to(out.dtype), alpha=weight)
 
+    def norm(self) -> float:
+        """l2 norm of the decoded vector."""
+        return float(torch.linalg.vector_norm(self.values.float()))
+
     def to(self, device: torch.device | str) -> DensePayload:
         """Copy of the payload on another device."""
         return DensePayload(self.dim, self.values.to(device), self.kind)
@@ -96,6 +100,10 @@ class SparsePayload:
         vals = self.values.to(out.dtype)
         out.index_add_(0, self.indices, vals, alpha=weight)
 
+    def norm(self) -> float:
+        """l2 norm of the decoded vector (from the k values)."""
+        return float(torch.linalg.vector_norm(self.values.float()))
+
     def to(self, device: torch.device | str) -> SparsePayload:
         """Copy of the payload on another device."""
         return SparsePayload(
@@ -124,6 +132,11 @@ class BlockSignPayload:
     def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
         """``out += weight * decode(self)``, one block at a time to bound the temporary memory."""
         out.add_(self.decode().to(out.dtype), alpha=weight)
+
+    def norm(self) -> float:
+        """l2 norm of the decoded vector: ``sqrt(sum_B d_B scale_B^2)``."""
+        sizes = torch.tensor(self.block_sizes, dtype=torch.float64)
+        return float(torch.sqrt((sizes * self.scales.double().cpu() ** 2).sum()))
 
     def to(self, device: torch.device | str) -> BlockSignPayload:
         """Copy of the payload on another device."""
@@ -155,6 +168,10 @@ class SignSparsePayload:
 
     def _values(self, dtype: torch.dtype) -> torch.Tensor:
         return _signed(self.signs, self.indices.numel(), dtype).mul_(self.scale.to(dtype))
+
+    def norm(self) -> float:
+        """l2 norm of the decoded vector: ``scale * sqrt(k)``."""
+        return float(self.scale) * float(self.indices.numel()) ** 0.5
 
     def to(self, device: torch.device | str) -> SignSparsePayload:
         """Copy of the payload on another device."""
@@ -192,6 +209,10 @@ class QSGDPayload:
     def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
         """``out += weight * decode(self)``."""
         out.add_(self.decode().to(out.dtype), alpha=weight)
+
+    def norm(self) -> float:
+        """l2 norm of the decoded vector."""
+        return float(torch.linalg.vector_norm(self.decode()))
 
     def to(self, device: torch.device | str) -> QSGDPayload:
         """Copy of the payload on another device."""

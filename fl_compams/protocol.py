@@ -21,6 +21,12 @@ PROBE_GRADIENT = "gradient"
 #: Query route of the sigma_g^2 probe (``@app.query("probe")`` handles message type ``query.probe``).
 PROBE_ROUTE = "probe"
 PROBE_MESSAGE_TYPE = f"query.{PROBE_ROUTE}"
+#: Query route the server uses once at start to learn each node's stable name (partition id or node name).
+HELLO_ROUTE = "hello"
+HELLO_MESSAGE_TYPE = f"query.{HELLO_ROUTE}"
+PARTITION_ID = "partition-id"
+NODE_NAME = "node-name"
+NODE_INFO = "node-info"
 
 # Metric names a client reports.
 NUM_EXAMPLES = "num-examples"
@@ -61,6 +67,13 @@ CLIENT_KEYS: tuple[str, ...] = tuple(
         "min-partition-size",
     }
 )
+
+
+def node_label(partition_id: int, node_name: str, node_id: int) -> str:
+    """Stable name of a node in results: ``partition-<id>``, else ``node-<name>``, else ``node-<node id>``."""
+    if partition_id >= 0:
+        return f"partition-{partition_id}"
+    return f"node-{node_name}" if node_name else f"node-{node_id}"
 
 
 def derive_seed(seed: int, *parts: int) -> int:

@@ -40,11 +40,17 @@ def _json_safe(value: Any) -> Any:
 class ResultsDir:
     """Writer for one run's results; ``metrics.jsonl`` gets one line per round, flushed at once."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, keep_rounds_upto: int | None = None) -> None:
+        """Open ``path``; a fresh run starts an empty ``metrics.jsonl``, a resumed one keeps rounds <= the given."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        kept = []
+        if keep_rounds_upto is not None and self.metrics_path.exists():
+            kept = [r for r in read_metrics(self.path) if r["round"] <= keep_rounds_upto]
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
         """Write ``name`` atomically (temp file + rename)."""
@@ -65,9 +71,15 @@ class ResultsDir:
 
 
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    """All rows of a run's ``metrics.jsonl``."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """All complete rows of a run's ``metrics.jsonl`` (a torn last line from a crash is ignored)."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
 
 
 def load_model(run_dir: Path | str) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ def run_experiment(
     num_gpus: float = 0.0,
     ray_address: str | None = None,
     verbose: bool = False,
+    client_app=None,
 ) -> Path:
     """Run one experiment in-process and return its results directory.
 
@@ -45,11 +46,13 @@ def run_experiment(
     ray_address
         Join a running Ray cluster (e.g. ``"127.0.0.1:6379"``) instead of starting one; ``RAY_ADDRESS`` in the
         environment does the same.
+    client_app
+        A Flower ``ClientApp`` to use instead of :data:`clients.client_app.app` (tests inject faulty clients).
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
-    from clients.client_app import app as client_app
+    from clients.client_app import app as default_client_app
     from strategies.server_app import run_server
 
     config = parse_config(overrides).to_flat()  # fail fast, before Ray starts
@@ -67,7 +70,7 @@ def run_experiment(
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": init_args,
     }
-    _simulate(server_app, client_app, num_supernodes, backend_config, verbose)
+    _simulate(server_app, client_app or default_client_app, num_supernodes, backend_config, verbose)
     if "path" not in outcome:
         raise RuntimeError("the simulation ended without results; run with verbose=True to see Flower's log")
     return outcome["path"]

@@ -3,6 +3,10 @@
 Data sets and partitions are immutable and cached per process (Ray reuses worker processes across virtual
 clients, so each is loaded once rather than once per message). Nothing mutable is cached: client state lives in
 Flower's ``context.state`` only.
+
+A client that trains on its own data file (``clients.local_data``) needs only the task's shape to build the model:
+:func:`task_shape` knows it for the built-in data sets without loading them, and the partitioners (which import
+flwr-datasets, about 3 s per deployment ClientApp process) are imported only when a partition is computed.
 """
 
 from __future__ import annotations
@@ -15,9 +19,26 @@ import torch
 from fl_compams.config import DataConfig
 from simulations.data import DataBundle, load_dataset
 from simulations.models import build_model, default_model_for
-from simulations.partition import partition_indices
 
-__all__ = ["client_data", "load_data", "make_model", "partitions", "resolve_device"]
+__all__ = [
+    "TASK_SHAPES",
+    "client_data",
+    "load_data",
+    "make_model",
+    "model_for_task",
+    "partitions",
+    "resolve_device",
+    "task_shape",
+]
+
+#: ``(input shape C x H x W, number of classes)`` of the built-in data sets, so that a client training on its
+#: own data file builds the model without the central data set (a test keeps this equal to ``load_data``).
+TASK_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10),
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -28,6 +49,8 @@ def load_data(dataset: str, data_dir: str, download: bool) -> DataBundle:
 
 @functools.lru_cache(maxsize=16)
 def _partitions(data: DataConfig, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
+    from simulations.partition import partition_indices  # imports flwr-datasets: only when needed
+
     bundle = load_data(data.dataset, data.data_dir, data.download)
     parts = partition_indices(
         bundle.train_y.numpy(),
@@ -60,6 +83,21 @@ def make_model(data: DataConfig, bundle: DataBundle, seed: int) -> torch.nn.Modu
     """The configured model with a deterministic initialisation for ``seed`` (global RNG left untouched)."""
     name = default_model_for(data.dataset) if data.model == "auto" else data.model
     return build_model(name, bundle.num_classes, bundle.input_shape, seed=seed)
+
+
+def task_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """``(input shape, number of classes)`` of the configured data set, without loading it when it is built in."""
+    if data.dataset in TASK_SHAPES:
+        return TASK_SHAPES[data.dataset]
+    bundle = load_data(data.dataset, data.data_dir, data.download)
+    return bundle.input_shape, bundle.num_classes
+
+
+def model_for_task(data: DataConfig, seed: int) -> torch.nn.Module:
+    """The configured model, built from :func:`task_shape` (the same model and initialisation as :func:`make_model`)."""
+    input_shape, num_classes = task_shape(data)
+    name = default_model_for(data.dataset) if data.model == "auto" else data.model
+    return build_model(name, num_classes, input_shape, seed=seed)
 
 
 def resolve_device(name: str) -> torch.device:

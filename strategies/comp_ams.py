@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import random
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -35,24 +37,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RoundTraffic:
-    """What one training round cost and who took part (per client by node id)."""
+    """What one training round cost and who took part, per client label (partition or node)."""
 
-    downlink_bytes: dict[int, int] = field(default_factory=dict)
-    uplink_bytes: dict[int, int] = field(default_factory=dict)
+    downlink_bytes: dict[str, int] = field(default_factory=dict)
+    uplink_bytes: dict[str, int] = field(default_factory=dict)
     uplink_theory_bits: float = 0.0
-    failures: dict[int, str] = field(default_factory=dict)
-    ok: list[int] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    ok: list[str] = field(default_factory=list)
+    clipped: list[str] = field(default_factory=list)
+    applied: bool = False
     train_loss: float = math.nan
     residual_norm: float = math.nan
-    #: Per node id: bytes, payload size and the client's reported metrics (or its failure).
-    per_client: dict[int, dict] = field(default_factory=dict)
+    #: Per client: bytes, payload size and the client's reported metrics (or its failure).
+    per_client: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ValidReply:
     """A training reply that passed validation, with its decoded payload."""
 
-    node_id: int
+    label: str
     payload: Payload
     payload_bytes: int
     num_examples: int
@@ -65,13 +69,18 @@ class CompAMS(FedAvg):
     Parameters
     ----------
     config
-        The resolved experiment configuration (server optimizer, weighting, client settings).
+        The resolved experiment configuration (server optimizer, weighting, robustness, client settings).
     spec
         The model's ParamSpec; payloads must have dimension ``spec.dim``.
     compressor
         The clients' compressor (to check payload kinds and report theory bits).
     optimizer
-        The server optimizer; ``state`` its initial :class:`~fl_compams.server.ServerState`.
+        The server optimizer; ``state`` its current :class:`~fl_compams.server.ServerState`.
+    node_labels
+        Stable names of the nodes (``"partition-3"``), used to order replies before summing (so results do not
+        depend on arrival order or on Flower's random node ids) and to key per-client results.
+    round_offset
+        Rounds already done before this ``start()`` (when resuming from a checkpoint).
     fedavg_kwargs
         Passed to Flower's ``FedAvg`` (``min_available_nodes`` etc.).
     """
@@ -83,6 +92,9 @@ class CompAMS(FedAvg):
         compressor: Compressor,
         optimizer: ServerOptimizer,
         state: ServerState,
+        *,
+        node_labels: Mapping[int, str] | None = None,
+        round_offset: int = 0,
         **fedavg_kwargs,
     ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
@@ -94,7 +106,13 @@ class CompAMS(FedAvg):
         self.compressor = compressor
         self.optimizer = optimizer
         self.state = state
+        self.node_labels = dict(node_labels or {})
+        self.round_offset = round_offset
         self.traffic: dict[int, RoundTraffic] = {}
+
+    def label(self, node_id: int) -> str:
+        """Stable name of a node: its partition if known, else its node id."""
+        return self.node_labels.get(node_id, f"node-{node_id}")
 
     # ------------------------------------------------------------------------------------------ train
     def client_config(self) -> ConfigRecord:
@@ -106,55 +124,104 @@ class CompAMS(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's sampling and messages, with the client settings added and the downlink bytes measured."""
+        rnd = server_round + self.round_offset
         for key, value in self.client_config().items():
             config[key] = value
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # Flower samples with the `random` module: seeding it per round makes the sample a function of
+        # (seed, round) only, so runs repeat and a resumed run samples what the uninterrupted one would.
+        random.seed(protocol.derive_seed(self.config.seed, rnd))
+        messages = list(super().configure_train(rnd, arrays, config, grid))
         traffic = RoundTraffic()
         if messages:
             size = wire_bytes(messages[0].content)  # FedAvg shares one RecordDict across all messages
-            traffic.downlink_bytes = {m.metadata.dst_node_id: size for m in messages}
-        self.traffic[server_round] = traffic
+            traffic.downlink_bytes = {self.label(m.metadata.dst_node_id): size for m in messages}
+        self.traffic[rnd] = traffic
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, decode, average and step; dropped replies never reach the model."""
-        traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        """Validate, decode, bound, average and step; dropped replies never reach the model."""
+        rnd = server_round + self.round_offset
+        traffic = self.traffic.setdefault(rnd, RoundTraffic())
         valid: list[ValidReply] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            label = self.label(msg.metadata.src_node_id)
             if msg.has_error():
-                traffic.failures[node] = f"client error: {msg.error.reason}"
-            else:
-                traffic.uplink_bytes[node] = wire_bytes(msg.content)
-                try:
-                    valid.append(self.parse_reply(msg))
-                except PayloadError as err:
-                    traffic.failures[node] = str(err)
-        for node, reason in traffic.failures.items():
-            log.warning("round %d: dropped the reply of node %d: %s", server_round, node, reason)
-            traffic.per_client[node] = {"uplink_bytes": traffic.uplink_bytes.get(node, 0), "failure": reason}
+                traffic.failures[label] = f"client error: {msg.error.reason}"
+                continue
+            traffic.uplink_bytes[label] = wire_bytes(msg.content)
+            try:
+                valid.append(self.parse_reply(msg))
+            except PayloadError as err:
+                traffic.failures[label] = str(err)
+        for label in traffic.downlink_bytes:
+            if label not in traffic.uplink_bytes and label not in traffic.failures:
+                traffic.failures[label] = (
+                    f"no reply within round-timeout ({self.config.server.round_timeout:g} s)"
+                )
+        valid.sort(key=lambda r: label_sort_key(r.label))  # summation order independent of arrival order
+        valid, factors = self._bound_norms(valid, traffic)
+        for label, reason in sorted(traffic.failures.items()):
+            log.warning("round %d: dropped the reply of %s: %s", rnd, label, reason)
+            traffic.per_client[label] = {
+                "uplink_bytes": traffic.uplink_bytes.get(label, 0),
+                "failure": reason,
+            }
         for r in valid:
-            traffic.per_client[r.node_id] = {
-                "uplink_bytes": traffic.uplink_bytes[r.node_id],
+            traffic.per_client[r.label] = {
+                "uplink_bytes": traffic.uplink_bytes[r.label],
                 "payload_bytes": r.payload_bytes,
-                "downlink_bytes": traffic.downlink_bytes.get(r.node_id, 0),
+                "downlink_bytes": traffic.downlink_bytes.get(r.label, 0),
                 **{key.replace("-", "_"): value for key, value in r.metrics.items()},
             }
-        traffic.ok = [r.node_id for r in valid]
-        if not valid:
-            log.warning("round %d: no valid replies; the model is unchanged", server_round)
+        traffic.per_client = dict(sorted(traffic.per_client.items(), key=lambda kv: label_sort_key(kv[0])))
+        traffic.ok = [r.label for r in valid]
+        minimum = self.config.server.min_valid_replies
+        if len(valid) < minimum:
+            log.warning(
+                "round %d: %d valid replies, fewer than min-valid-replies = %d; the model and the optimizer "
+                "state are unchanged this round",
+                rnd,
+                len(valid),
+                minimum,
+            )
+            self.state = self.state._replace(round=rnd)
             return None, self._metrics(traffic)
         weights = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
+        weights = [w * f for w, f in zip(weights, factors, strict=True)]  # clipping scales an update
         self.state, _ = apply_round(self.state, [r.payload for r in valid], weights, self.optimizer)
+        self.state = self.state._replace(round=rnd)
+        traffic.applied = True
         traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(valid)
+        mean_w = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
         traffic.train_loss = sum(
-            w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(weights, valid, strict=True)
+            w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(mean_w, valid, strict=True)
         )
         norms = [r.metrics.get(protocol.RESIDUAL_NORM, 0.0) for r in valid]
         traffic.residual_norm = sum(norms) / len(norms)
         return self.current_arrays(), self._metrics(traffic)
+
+    def _bound_norms(
+        self, valid: list[ValidReply], traffic: RoundTraffic
+    ) -> tuple[list[ValidReply], list[float]]:
+        """Apply ``max-update-norm``: clip (scale factor < 1) or reject updates whose decoded norm exceeds it."""
+        limit = self.config.server.max_update_norm
+        if not limit:
+            return valid, [1.0] * len(valid)
+        kept, factors = [], []
+        for r in valid:
+            norm = r.payload.norm()
+            if norm <= limit:
+                kept.append(r)
+                factors.append(1.0)
+            elif self.config.server.update_norm_action == "reject":
+                traffic.failures[r.label] = f"update norm {norm:.6g} exceeds max-update-norm {limit:.6g}"
+            else:
+                kept.append(r)
+                factors.append(limit / norm)
+                traffic.clipped.append(r.label)
+        return kept, factors
 
     def parse_reply(self, msg: Message) -> ValidReply:
         """Check a training reply's records and decode its payload; raise PayloadError on anything wrong."""
@@ -182,7 +249,7 @@ class CompAMS(FedAvg):
         payload = from_bytes(
             data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
         )
-        return ValidReply(msg.metadata.src_node_id, payload, len(data), n, dict(metrics))
+        return ValidReply(self.label(msg.metadata.src_node_id), payload, len(data), n, dict(metrics))
 
     # ------------------------------------------------------------------------------------------ helpers
     def current_arrays(self) -> ArrayRecord:
@@ -195,8 +262,15 @@ class CompAMS(FedAvg):
             {
                 "clients-ok": len(traffic.ok),
                 "clients-failed": len(traffic.failures),
+                "clients-clipped": len(traffic.clipped),
+                "update-applied": int(traffic.applied),
                 "uplink-bytes": int(sum(traffic.uplink_bytes.values())),
                 "downlink-bytes": int(sum(traffic.downlink_bytes.values())),
                 "train-loss": float(traffic.train_loss),
             }
         )
+
+
+def label_sort_key(label: str) -> list:
+    """Sort "partition-2" before "partition-10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]

@@ -9,7 +9,6 @@ absolute ``out-dir``): ``config.json``, ``metrics.jsonl`` (one line per round, r
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,13 +21,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.training import evaluate
 from fl_compams import protocol
+from fl_compams.checkpoint import latest_checkpoint, save_checkpoint
 from fl_compams.config import build_compressor, build_server_optimizer, parse_config
+from fl_compams.errors import ConfigError
 from fl_compams.flat import ParamSpec, flatten, unflatten
 from fl_compams.server import init_server_state
 from simulations.partition import partition_stats
 from simulations.results import ResultsDir, resolve_run_dir
 from simulations.task import load_data, make_model, partitions, resolve_device
-from strategies.comp_ams import CompAMS
+from strategies.comp_ams import CompAMS, label_sort_key
 from strategies.wire import wire_bytes
 
 log = logging.getLogger(__name__)
@@ -41,65 +42,159 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, dict(context.run_config))
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Path:
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
     """Run one COMP-AMS experiment on ``grid``; return the results directory."""
     cfg = parse_config(run_config)  # a bad key or value stops here, before any round
-    random.seed(cfg.seed)  # Flower samples nodes with the `random` module
+    timeout = cfg.server.round_timeout
     device = resolve_device(cfg.train.device)
     bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)
     optimizer = build_server_optimizer(cfg.server)
     compressor = build_compressor(cfg.compression, spec.block_sizes)
-    state = init_server_state(flatten(model.state_dict(), spec), optimizer)
-    strategy = CompAMS(cfg, spec, compressor, optimizer, state)
+    labels = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
 
-    node_ids = sorted(grid.get_node_ids())
-    results = ResultsDir(resolve_run_dir(cfg.output.out_dir, cfg.output.run_name))
-    results.write_json(
-        "config.json",
-        {
-            "config": cfg.to_flat(),
-            "num_nodes": len(node_ids),
-            "model": type(model).__name__,
-            "dim": spec.dim,
-            "param_spec": spec.to_dict(),
-            "device": str(device),
-            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
-        },
-    )
-    parts = partitions(cfg.data, len(node_ids), cfg.seed) if node_ids else ()
-    results.write_json(
-        "partitions.json", partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes)
-    )
-    test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
+    run_dir = resolve_run_dir(cfg.output.out_dir, cfg.output.run_name)
+    checkpoints = run_dir / "checkpoints"
+    state = init_server_state(flatten(model.state_dict(), spec), optimizer)
     totals = {"up": 0, "down": 0, "probe": 0}
+    done = 0
+    if cfg.output.resume:
+        state, totals, done = _resume(checkpoints, cfg, spec, device, state, totals)
+    results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
+    strategy = CompAMS(cfg, spec, compressor, optimizer, state, node_labels=labels, round_offset=done)
+    if not done:
+        results.write_json(
+            "config.json",
+            {
+                "config": cfg.to_flat(),
+                "num_nodes": len(labels),
+                "nodes": sorted(labels.values()),
+                "model": type(model).__name__,
+                "dim": spec.dim,
+                "param_spec": spec.to_dict(),
+                "device": str(device),
+                "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+            },
+        )
+        parts = partitions(cfg.data, len(labels), cfg.seed) if labels else ()
+        stats = partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes)
+        results.write_json("partitions.json", stats)
+    test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
     started = time.perf_counter()
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        rnd = server_round + done
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, test_x, test_y)
-        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
-        row.update(_traffic_row(strategy, server_round, totals))
-        if cfg.output.probe_every and server_round and server_round % cfg.output.probe_every == 0:
+        if server_round == 0 and done:  # the resumed model was already evaluated in its own round
+            return MetricRecord({"accuracy": acc, "loss": loss})
+        row: dict[str, Any] = {"round": rnd, "accuracy": acc, "loss": loss}
+        row.update(_traffic_row(strategy, rnd, totals))
+        if cfg.output.probe_every and rnd and rnd % cfg.output.probe_every == 0:
             row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout))
             totals["probe"] += row["probe_bytes"]
         row["probe_bytes_cum"] = totals["probe"]
         row["wall_s"] = round(time.perf_counter() - started, 3)
         results.append_metrics(row)
-        log.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
+        if cfg.output.checkpoint_every and rnd and rnd % cfg.output.checkpoint_every == 0:
+            extra = {"totals": totals, "config": cfg.to_flat(), "dim": spec.dim}
+            save_checkpoint(checkpoints, strategy.state._replace(round=rnd), extra)
+        log.info("round %d: accuracy %.4f loss %.4f", rnd, acc, loss)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    strategy.start(
-        grid,
-        initial_arrays=strategy.current_arrays(),
-        num_rounds=cfg.server.num_server_rounds,
-        timeout=timeout,
-        train_config=ConfigRecord(),
-        evaluate_fn=evaluate_fn,
-    )
+    remaining = cfg.server.num_server_rounds - done
+    if remaining > 0:
+        strategy.start(
+            StableOrderGrid(grid, labels),
+            initial_arrays=strategy.current_arrays(),
+            num_rounds=remaining,
+            timeout=timeout,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_fn,
+        )
     results.save_model(unflatten(strategy.state.theta.cpu(), spec))
     return results.path
+
+
+#: Keys that may differ between a run and its resumption (everything else must match the checkpoint).
+_RESUMABLE = {"num-server-rounds", "resume", "round-timeout", "checkpoint-every", "probe-every"}
+
+
+def _resume(checkpoints: Path, cfg, spec: ParamSpec, device, state, totals):
+    found = latest_checkpoint(checkpoints, device)
+    if found is None:
+        log.warning("resume: no valid checkpoint in %s; starting from round 1", checkpoints)
+        return state, totals, 0
+    saved, extra, path = found
+    if extra.get("dim") != spec.dim:
+        raise ConfigError(
+            f"resume: {path} holds a model of {extra.get('dim')} parameters, this run {spec.dim}"
+        )
+    now = cfg.to_flat()
+    changed = sorted(k for k, v in extra.get("config", {}).items() if k not in _RESUMABLE and now.get(k) != v)
+    if changed:
+        raise ConfigError(
+            f"resume: {path} was written with different settings for {changed}; resume with the same "
+            "config (only " + ", ".join(sorted(_RESUMABLE)) + " may change)"
+        )
+    log.info("resume: continuing after round %d from %s", saved.round, path)
+    return saved, {k: int(v) for k, v in extra["totals"].items()}, saved.round
+
+
+class StableOrderGrid:
+    """A view of a Flower ``Grid`` that lists node ids in the order of their stable labels.
+
+    Flower samples ``random.sample(grid.get_node_ids(), k)``; node ids are random per run, so ordering them
+    by label (``partition-0``, ``partition-1``, ...) makes the sample depend on the seed alone.
+    """
+
+    def __init__(self, grid: Grid, labels: Mapping[int, str]) -> None:
+        self._grid = grid
+        self._labels = labels
+
+    def get_node_ids(self):
+        """Node ids sorted by label (unknown nodes last, by id)."""
+        ids = list(self._grid.get_node_ids())
+        return sorted(ids, key=lambda n: (n not in self._labels, label_sort_key(self._labels.get(n, "")), n))
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dict[int, str]:
+    """Wait for enough nodes, ask each for its stable name, and check the sampling settings can be met."""
+    deadline = time.monotonic() + wait_s
+    while len(node_ids := list(grid.get_node_ids())) < cfg.server.min_train_nodes:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"min-train-nodes = {cfg.server.min_train_nodes} but only {len(node_ids)} nodes are connected "
+                f"after {wait_s:.0f} s; lower min-train-nodes or start more SuperNodes"
+            )
+        time.sleep(1.0)
+    sample = max(int(len(node_ids) * cfg.server.fraction_train), cfg.server.min_train_nodes)
+    if cfg.server.min_valid_replies > sample:
+        raise ConfigError(
+            f"min-valid-replies = {cfg.server.min_valid_replies} exceeds the {sample} clients sampled per round "
+            f"({len(node_ids)} nodes x fraction-train {cfg.server.fraction_train}); lower it"
+        )
+    messages = [
+        Message(content=RecordDict(), message_type=protocol.HELLO_MESSAGE_TYPE, dst_node_id=nid)
+        for nid in node_ids
+    ]
+    labels = {nid: f"node-{nid}" for nid in node_ids}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning(
+                "hello: node %d did not answer (%s); it is named by its node id", node, reply.error.reason
+            )
+            continue
+        info = reply.content[protocol.NODE_INFO]
+        labels[node] = protocol.node_label(
+            int(info[protocol.PARTITION_ID]), str(info[protocol.NODE_NAME]), node
+        )
+    return labels
 
 
 def _traffic_row(strategy: CompAMS, server_round: int, totals: dict[str, int]) -> dict[str, Any]:
@@ -114,6 +209,8 @@ def _traffic_row(strategy: CompAMS, server_round: int, totals: dict[str, int]) -
             "uplink_theory_bits": 0.0,
             "clients_ok": 0,
             "clients_failed": 0,
+            "clients_clipped": 0,
+            "update_applied": False,
         }
     up, down = sum(traffic.uplink_bytes.values()), sum(traffic.downlink_bytes.values())
     totals["up"] += up
@@ -130,9 +227,11 @@ def _traffic_row(strategy: CompAMS, server_round: int, totals: dict[str, int]) -
         "uplink_theory_bytes_per_client": traffic.uplink_theory_bits / 8 / ok,
         "clients_ok": len(traffic.ok),
         "clients_failed": len(traffic.failures),
-        "failures": {str(k): v for k, v in traffic.failures.items()},
+        "clients_clipped": len(traffic.clipped),
+        "update_applied": traffic.applied,
+        "failures": dict(sorted(traffic.failures.items())),
         "residual_norm": traffic.residual_norm,
-        "clients": {str(k): v for k, v in sorted(traffic.per_client.items())},
+        "clients": traffic.per_client,
     }
 
 

@@ -80,7 +80,7 @@ def test_aggregation_equals_hand_computation(compressor):
     assert torch.allclose(torch.cat([sd["w"].reshape(-1), sd["b"]]), expected, atol=1e-6)
     assert metrics["clients-ok"] == 3 and metrics["clients-failed"] == 0
     traffic = strategy.traffic[1]
-    assert traffic.uplink_bytes == {100 + i: wire_bytes(r.content) for i, r in enumerate(replies)}
+    assert traffic.uplink_bytes == {f"node-{100 + i}": wire_bytes(r.content) for i, r in enumerate(replies)}
     assert traffic.uplink_theory_bits == 3 * strategy.compressor.theory_bits(SPEC.dim)
 
 
@@ -143,11 +143,12 @@ def test_bad_replies_are_dropped_reported_and_never_touch_the_model():
         for a, b in zip(strategy.state.opt_state[1:], clean.state.opt_state[1:], strict=True)
     )
     traffic = strategy.traffic[1]
-    assert sorted(traffic.ok) == [0, 1]
-    assert set(traffic.failures) == set(reasons)
+    assert traffic.ok == ["node-0", "node-1"]
+    assert set(traffic.failures) == {f"node-{n}" for n in reasons}
     for node, reason in reasons.items():
-        assert reason in traffic.failures[node], (node, traffic.failures[node])
-        assert traffic.per_client[node]["failure"] == traffic.failures[node]
+        label = f"node-{node}"
+        assert reason in traffic.failures[label], (node, traffic.failures[label])
+        assert traffic.per_client[label]["failure"] == traffic.failures[label]
 
 
 def test_round_with_only_bad_replies_keeps_model_and_state():
@@ -176,5 +177,71 @@ def test_configure_train_sends_client_settings_and_measures_downlink():
     assert config["compressor"] == "blocksign" and config["server-round"] == 3
     assert set(protocol.CLIENT_KEYS) <= set(config.keys())
     size = wire_bytes(messages[0].content)
-    assert strategy.traffic[3].downlink_bytes == {m.metadata.dst_node_id: size for m in messages}
+    assert strategy.traffic[3].downlink_bytes == {f"node-{m.metadata.dst_node_id}": size for m in messages}
     assert size > 4 * SPEC.dim
+
+
+def test_reply_order_does_not_change_the_result():
+    strategy_a, _ = make_strategy(**{"topk-k": 5})
+    strategy_b, _ = make_strategy(**{"topk-k": 5})
+    replies = [
+        reply(n, to_bytes(strategy_a.compressor.encode(x)))
+        for n, x in zip((5, 3, 9, 1), updates(4, 4), strict=True)
+    ]
+    strategy_a.aggregate_train(1, replies)
+    strategy_b.aggregate_train(1, list(reversed(replies)))
+    assert torch.equal(strategy_a.state.theta, strategy_b.state.theta)  # bitwise: same summation order
+
+
+def test_labels_name_clients_in_results():
+    strategy, _ = make_strategy(compressor="identity")
+    strategy.node_labels = {11: "partition-1", 10: "partition-0"}
+    strategy.aggregate_train(
+        1,
+        [
+            reply(n, to_bytes(strategy.compressor.encode(x)))
+            for n, x in zip((11, 10), updates(5, 2), strict=True)
+        ],
+    )
+    assert list(strategy.traffic[1].per_client) == ["partition-0", "partition-1"]
+
+
+@pytest.mark.parametrize("action", ["clip", "reject"])
+def test_max_update_norm_clips_or_rejects(action):
+    strategy, theta0 = make_strategy(
+        compressor="identity", **{"max-update-norm": 1.0, "update-norm-action": action}
+    )
+    small = torch.full((SPEC.dim,), 0.1)  # norm 0.5
+    big = torch.full((SPEC.dim,), 2.0)  # norm 10
+    strategy.aggregate_train(
+        1,
+        [
+            reply(1, to_bytes(strategy.compressor.encode(small))),
+            reply(2, to_bytes(strategy.compressor.encode(big))),
+        ],
+    )
+    traffic = strategy.traffic[1]
+    if action == "clip":
+        assert traffic.clipped == ["node-2"] and not traffic.failures
+        expected = (small + big / 10.0) / 2
+    else:
+        assert "exceeds max-update-norm 1" in traffic.failures["node-2"] and traffic.ok == ["node-1"]
+        expected = small
+    assert torch.allclose(strategy.state.theta, step_one(theta0, expected), atol=1e-6)
+
+
+def test_min_valid_replies_leaves_model_and_optimizer_unchanged():
+    strategy, theta0 = make_strategy(compressor="identity", **{"min-valid-replies": 3})
+    replies = [
+        reply(n, to_bytes(strategy.compressor.encode(x))) for n, x in zip((1, 2), updates(6, 2), strict=True)
+    ]
+    arrays, metrics = strategy.aggregate_train(4, replies)
+    assert arrays is None and metrics["update-applied"] == 0 and metrics["clients-ok"] == 2
+    assert torch.equal(strategy.state.theta, theta0) and strategy.state.opt_state.step == 0
+    assert strategy.state.round == 4
+
+
+def test_oversize_payload_is_rejected_before_parsing():
+    strategy, _ = make_strategy()
+    strategy.aggregate_train(1, [reply(1, b"CAMS" + b"\x00" * (10 * SPEC.dim + 200))])
+    assert "oversize payload" in strategy.traffic[1].failures["node-1"]
