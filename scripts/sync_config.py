@@ -18,6 +18,7 @@ def _toml(value) -> str:
 
 
 def main() -> None:
+    """Rewrite the section in place."""
     width = max(len(k.name) for k in SCHEMA) + 16
     block = "".join(f"{k.name} = {_toml(k.default)}".ljust(width) + f"# {k.help}\n" for k in SCHEMA)
     path = Path(__file__).resolve().parents[1] / "pyproject.toml"
