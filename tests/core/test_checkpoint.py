@@ -1,0 +1,55 @@
+"""Server checkpoints: exact round trip, corruption detection, fallback to the previous checkpoint."""
+
+import pytest
+import torch
+
+from fl_compams import SGD, AMSGrad
+from fl_compams.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from fl_compams.server import init_server_state
+
+
+def trained_state(opt, rounds=3):
+    gen = torch.Generator().manual_seed(0)
+    state = init_server_state(torch.randn(50, generator=gen), opt)
+    for r in range(rounds):
+        delta, opt_state = opt.update(torch.randn(50, generator=gen), state.opt_state)
+        state = state._replace(round=r + 1, theta=state.theta + delta, opt_state=opt_state)
+    return state
+
+
+@pytest.mark.parametrize("opt", [AMSGrad(), SGD(lr=0.1, momentum=0.9)], ids=["amsgrad", "sgd"])
+def test_round_trip_is_exact(tmp_path, opt):
+    state = trained_state(opt)
+    path = save_checkpoint(tmp_path, state, {"totals": {"up": 5}})
+    back, extra = load_checkpoint(path)
+    assert back.round == 3 and extra == {"totals": {"up": 5}}
+    assert torch.equal(back.theta, state.theta)
+    assert type(back.opt_state) is type(state.opt_state)
+    for a, b in zip(back.opt_state, state.opt_state, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary file
+
+
+def test_corruption_is_detected(tmp_path):
+    path = save_checkpoint(tmp_path, trained_state(AMSGrad()))
+    raw = path.read_bytes()
+    for bad, match in [
+        (raw[:-10], "checksum mismatch"),
+        (raw[:20], "truncated|checksum"),
+        (raw[:100] + bytes([raw[100] ^ 1]) + raw[101:], "checksum mismatch"),
+        (b"", "truncated"),
+    ]:
+        path.write_bytes(bad)
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path)
+
+
+def test_latest_skips_a_corrupt_newest_checkpoint(tmp_path):
+    s3 = trained_state(AMSGrad(), 3)
+    save_checkpoint(tmp_path, s3)
+    newest = save_checkpoint(tmp_path, trained_state(AMSGrad(), 6))
+    newest.write_bytes(newest.read_bytes()[:-1])  # a crash mid-copy, say
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint.*round-000006"):
+        state, _, path = latest_checkpoint(tmp_path)
+    assert state.round == 3 and path.name == "round-000003.ckpt" and torch.equal(state.theta, s3.theta)
+    assert latest_checkpoint(tmp_path / "missing") is None
