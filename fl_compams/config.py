@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fl_compams.aggregate import WEIGHTINGS
+from fl_compams.client_opt import LocalAdam
 from fl_compams.compressors import COMPRESSORS, VALUE_DTYPES, Compressor, make_compressor
 from fl_compams.errors import ConfigError
 from fl_compams.payloads import INDEX_CODINGS
@@ -40,6 +41,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
 PARTITIONERS = ("dirichlet", "iid", "full")  # simulations.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
+ALGORITHMS = ("compams", "flower-fedavg", "flower-fedadam")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ SCHEMA: tuple[Key, ...] = (
     _key("fraction-train", 1.0, _UNIT_OPEN, "fraction of connected nodes sampled for training each round"),
     _key("min-train-nodes", 1, _POS_INT, "at least this many nodes train each round"),
     _key("seed", 0, _NONNEG_INT, "seed of every random choice (data split, sampling, init, compressors)"),
+    _key(
+        "algorithm",
+        "compams",
+        _choice(ALGORITHMS),
+        "compams = this project's strategy (every compressor/optimizer); flower-* = Flower's own strategies",
+    ),
     # --- compression and error feedback
     _key("compressor", "topk", _choice(tuple(COMPRESSORS)), "uplink compressor C"),
     _key("error-feedback", True, _BOOL, "keep the compression error and add it to the next update"),
@@ -121,7 +129,18 @@ SCHEMA: tuple[Key, ...] = (
     ),
     # --- client training
     _key("local-steps", 1, _POS_INT, "local SGD steps H per round (H = 1: one minibatch gradient)"),
-    _key("local-lr", 0.05, _POS_FLOAT, "local SGD learning rate (used when local-steps > 1)"),
+    _key("local-lr", 0.05, _POS_FLOAT, "local learning rate (SGD when local-steps > 1; QAdam's alpha)"),
+    _key(
+        "client-opt",
+        "none",
+        _choice(("none", "adam")),
+        "none = send gradients; adam = QAdam's local Adam steps",
+    ),
+    _key("client-beta1", 0.9, _BETA, "QAdam: first-moment decay of the local Adam"),
+    _key("client-beta2", 0.999, _BETA, "QAdam: second-moment decay of the local Adam"),
+    _key("client-eps", 1e-8, _POS_FLOAT, "QAdam: epsilon of the local Adam"),
+    _key("client-eps-inside-sqrt", False, _BOOL, "QAdam: sqrt(v + eps) instead of sqrt(v) + eps"),
+    _key("client-bias-correction", False, _BOOL, "QAdam: bias-correct the local Adam moments"),
     _key("batch-size", 32, _POS_INT, "local minibatch size"),
     _key("device", "auto", _choice(DEVICES), "where clients and server compute; auto = cuda if available"),
     # --- data
@@ -194,6 +213,12 @@ class TrainConfig:
 
     local_steps: int
     local_lr: float
+    client_opt: str
+    client_beta1: float
+    client_beta2: float
+    client_eps: float
+    client_eps_inside_sqrt: bool
+    client_bias_correction: bool
     batch_size: int
     device: str
 
@@ -227,6 +252,7 @@ class ExperimentConfig:
     """The whole resolved configuration."""
 
     seed: int
+    algorithm: str
     compression: CompressorConfig
     server: ServerConfig
     train: TrainConfig
@@ -235,7 +261,7 @@ class ExperimentConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """The kebab-case mapping this config was parsed from (with defaults filled in)."""
-        flat: dict[str, Any] = {"seed": self.seed}
+        flat: dict[str, Any] = {"seed": self.seed, "algorithm": self.algorithm}
         for part in (self.compression, self.server, self.train, self.data, self.output):
             for f in dataclasses.fields(part):
                 flat[f.name.replace("_", "-")] = getattr(part, f.name)
@@ -286,6 +312,7 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
 
     cfg = ExperimentConfig(
         seed=values["seed"],
+        algorithm=values["algorithm"],
         compression=take(CompressorConfig),
         server=take(ServerConfig),
         train=take(TrainConfig),
@@ -296,6 +323,17 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         raise ConfigError("config key 'nesterov': only applies to server-opt = 'sgd'")
     if cfg.server.nesterov and cfg.server.server_momentum == 0.0:
         raise ConfigError("config key 'nesterov': needs server-momentum > 0")
+    if cfg.train.client_opt == "adam" and cfg.train.local_steps != 1:
+        raise ConfigError(
+            "config key 'client-opt': 'adam' (QAdam) sends one local Adam step; set local-steps = 1"
+        )
+    if cfg.algorithm != "compams" and (
+        cfg.compression.compressor != "identity" or cfg.train.client_opt != "none"
+    ):
+        raise ConfigError(
+            f"config key 'algorithm': {cfg.algorithm!r} runs Flower's own strategy on dense models; it takes "
+            "compressor = 'identity' and client-opt = 'none'"
+        )
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
@@ -329,6 +367,20 @@ def build_compressor(cfg: CompressorConfig, block_sizes: tuple[int, ...] | None 
         "signtopk": {**k_or_ratio, "index_coding": cfg.index_coding},
     }
     return make_compressor(name, **params[name])
+
+
+def build_client_optimizer(cfg: TrainConfig) -> LocalAdam | None:
+    """QAdam's local Adam (``client-opt = "adam"``), or None when clients send plain gradients."""
+    if cfg.client_opt == "none":
+        return None
+    return LocalAdam(
+        lr=cfg.local_lr,
+        beta1=cfg.client_beta1,
+        beta2=cfg.client_beta2,
+        eps=cfg.client_eps,
+        eps_inside_sqrt=cfg.client_eps_inside_sqrt,
+        bias_correction=cfg.client_bias_correction,
+    )
 
 
 def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:
