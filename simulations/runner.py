@@ -32,6 +32,7 @@ def run_experiment(
     ray_address: str | None = None,
     verbose: bool = False,
     client_app=None,
+    on_round=None,
 ) -> Path:
     """Run one experiment in-process and return its results directory.
 
@@ -48,6 +49,8 @@ def run_experiment(
         environment does the same.
     client_app
         A Flower ``ClientApp`` to use instead of :data:`clients.client_app.app` (tests inject faulty clients).
+    on_round
+        Called with each ``metrics.jsonl`` row as it is written (progress bars).
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -61,7 +64,7 @@ def run_experiment(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:  # context.run_config is empty under run_simulation
-        outcome["path"] = run_server(grid, config)
+        outcome["path"] = run_server(grid, config, on_round=on_round)
 
     init_args: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": verbose}
     if ray_address:

@@ -9,15 +9,17 @@ absolute ``out-dir``): ``config.json``, ``metrics.jsonl`` (one line per round, r
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from clients.training import evaluate
 from fl_compams import protocol
@@ -29,7 +31,7 @@ from fl_compams.server import init_server_state
 from simulations.partition import partition_stats
 from simulations.results import ResultsDir, resolve_run_dir
 from simulations.task import load_data, make_model, partitions, resolve_device
-from strategies.comp_ams import CompAMS, label_sort_key
+from strategies.comp_ams import CompAMS, RoundTraffic, label_sort_key
 from strategies.wire import wire_bytes
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,13 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, dict(context.run_config))
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
-    """Run one COMP-AMS experiment on ``grid``; return the results directory."""
+def run_server(
+    grid: Grid, run_config: Mapping[str, Any], on_round: Callable[[dict], None] | None = None
+) -> Path:
+    """Run one COMP-AMS experiment on ``grid``; return the results directory.
+
+    ``on_round`` is called with every row written to ``metrics.jsonl`` (progress bars, live monitoring).
+    """
     cfg = parse_config(run_config)  # a bad key or value stops here, before any round
     timeout = cfg.server.round_timeout
     device = resolve_device(cfg.train.device)
@@ -63,6 +70,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
         state, totals, done = _resume(checkpoints, cfg, spec, device, state, totals)
     results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
     strategy = CompAMS(cfg, spec, compressor, optimizer, state, node_labels=labels, round_offset=done)
+    run_grid = StableOrderGrid(grid, labels)
+    traffic = strategy.traffic
+    flower_strategy = None
+    if cfg.algorithm != "compams":
+        if cfg.output.checkpoint_every or cfg.output.resume:
+            raise ConfigError("checkpoint-every and resume apply to algorithm = 'compams' only")
+        run_grid = MeasuringGrid(grid, labels, cfg, spec.dim)
+        traffic = run_grid.traffic
+        flower_strategy = flower_baseline(cfg)
     if not done:
         results.write_json(
             "config.json",
@@ -90,13 +106,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
         if server_round == 0 and done:  # the resumed model was already evaluated in its own round
             return MetricRecord({"accuracy": acc, "loss": loss})
         row: dict[str, Any] = {"round": rnd, "accuracy": acc, "loss": loss}
-        row.update(_traffic_row(strategy, rnd, totals))
+        row.update(_traffic_row(traffic.get(rnd), totals))
         if cfg.output.probe_every and rnd and rnd % cfg.output.probe_every == 0:
             row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout))
             totals["probe"] += row["probe_bytes"]
         row["probe_bytes_cum"] = totals["probe"]
         row["wall_s"] = round(time.perf_counter() - started, 3)
         results.append_metrics(row)
+        if on_round is not None:
+            on_round(row)
         if cfg.output.checkpoint_every and rnd and rnd % cfg.output.checkpoint_every == 0:
             extra = {"totals": totals, "config": cfg.to_flat(), "dim": spec.dim}
             save_checkpoint(checkpoints, strategy.state._replace(round=rnd), extra)
@@ -104,9 +122,21 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     remaining = cfg.server.num_server_rounds - done
+    if flower_strategy is not None:
+        result = flower_strategy.start(
+            run_grid,
+            initial_arrays=strategy.current_arrays(),
+            num_rounds=remaining,
+            timeout=timeout,
+            train_config=strategy.client_config(),
+            evaluate_fn=evaluate_fn,
+        )
+        final = result.arrays.to_torch_state_dict()
+        results.save_model(final)
+        return results.path
     if remaining > 0:
         strategy.start(
-            StableOrderGrid(grid, labels),
+            run_grid,
             initial_arrays=strategy.current_arrays(),
             num_rounds=remaining,
             timeout=timeout,
@@ -115,6 +145,26 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> Path:
         )
     results.save_model(unflatten(strategy.state.theta.cpu(), spec))
     return results.path
+
+
+def flower_baseline(cfg):
+    """Flower's own FedAvg or FedAdam, unmodified (the ``flower-*`` algorithms), with central evaluation only."""
+    common = {
+        "fraction_train": cfg.server.fraction_train,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": cfg.server.min_train_nodes,
+        "min_available_nodes": cfg.server.min_train_nodes,
+    }
+    if cfg.algorithm == "flower-fedavg":
+        return FedAvg(**common)
+    return FedAdam(
+        eta=cfg.server.server_lr,
+        eta_l=cfg.train.local_lr,
+        beta_1=cfg.server.beta1,
+        beta_2=cfg.server.beta2,
+        tau=cfg.server.eps,
+        **common,
+    )
 
 
 #: Keys that may differ between a run and its resumption (everything else must match the checkpoint).
@@ -162,6 +212,59 @@ class StableOrderGrid:
         return getattr(self._grid, name)
 
 
+class MeasuringGrid(StableOrderGrid):
+    """A stable-order grid that measures the bytes of every training message (for Flower's own strategies).
+
+    CompAMS measures its traffic itself; Flower's FedAvg and FedAdam do not, so their runs go through this view:
+    each ``send_and_receive`` of TRAIN messages is one round, with the serialised size of every instruction and
+    reply, and error replies or missing replies counted as failures.
+    """
+
+    def __init__(self, grid: Grid, labels: Mapping[int, str], cfg, dim: int) -> None:
+        super().__init__(grid, labels)
+        self.cfg = cfg
+        self.dim = dim
+        self.traffic: dict[int, RoundTraffic] = {}
+
+    def send_and_receive(self, messages, timeout=None):
+        """Forward to the real grid, measuring TRAIN rounds."""
+        messages = list(messages)
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        label = lambda node: self._labels.get(node, f"node-{node}")  # noqa: E731
+        traffic = RoundTraffic()
+        sizes: dict[int, int] = {}  # messages may share one RecordDict: measure each distinct content once
+        for m in messages:
+            size = sizes.setdefault(id(m.content), wire_bytes(m.content))
+            traffic.downlink_bytes[label(m.metadata.dst_node_id)] = size
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        losses, weights = [], []
+        for r in replies:
+            name = label(r.metadata.src_node_id)
+            if r.has_error():
+                traffic.failures[name] = f"client error: {r.error.reason}"
+                continue
+            traffic.uplink_bytes[name] = wire_bytes(r.content)
+            metrics = r.content.metric_records
+            record = next(iter(metrics.values())) if metrics else {}
+            traffic.ok.append(name)
+            traffic.per_client[name] = {"uplink_bytes": traffic.uplink_bytes[name]}
+            losses.append(float(record.get(protocol.TRAIN_LOSS, math.nan)))
+            weights.append(float(record.get(protocol.NUM_EXAMPLES, 1)))
+        for name in traffic.downlink_bytes:
+            if name not in traffic.uplink_bytes and name not in traffic.failures:
+                traffic.failures[name] = (
+                    f"no reply within round-timeout ({self.cfg.server.round_timeout:g} s)"
+                )
+        if losses:  # Flower weights clients by num-examples; report the train loss the same way
+            traffic.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
+            traffic.applied = True
+        traffic.ok.sort(key=label_sort_key)
+        traffic.uplink_theory_bits = 32.0 * self.dim * len(traffic.ok)  # dense float32 models
+        self.traffic[len(self.traffic) + 1] = traffic
+        return replies
+
+
 def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dict[int, str]:
     """Wait for enough nodes, ask each for its stable name, and check the sampling settings can be met."""
     deadline = time.monotonic() + wait_s
@@ -197,8 +300,7 @@ def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dic
     return labels
 
 
-def _traffic_row(strategy: CompAMS, server_round: int, totals: dict[str, int]) -> dict[str, Any]:
-    traffic = strategy.traffic.get(server_round)
+def _traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[str, Any]:
     if traffic is None:  # round 0: the initial model, nothing sent yet
         return {
             "train_loss": None,

@@ -1,0 +1,244 @@
+"""Tables, plots and a compact summary of one preset's sweep (pure functions of the run files).
+
+``write_report(preset, ...)`` reads ``<runs>/<dataset>/<preset>/`` (or the ``source`` preset's runs), writes
+``<out>/<dataset>/<preset>/README.md`` with the tables and the command that regenerates them, PNG plots, and
+``summary.json`` (per method and seed: the per-round accuracy, smoothed train loss and cumulative uplink bytes),
+small enough to commit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from simulations.plots import load_sweep, plot_curves, plot_xy
+from simulations.sweep import load_preset
+from simulations.tables import default_columns, mean_std, reached, summarize, to_markdown
+
+
+def _sig(v: Any, digits: int = 5) -> Any:
+    if isinstance(v, float) and math.isfinite(v):
+        return float(f"{v:.{digits}g}")
+    return v
+
+
+def _compact(sweep) -> dict:
+    out: dict[str, Any] = {}
+    for key, seeds in sweep.items():
+        out[key] = {
+            str(seed): {
+                col: [_sig(r.get(col)) for r in rows]
+                for col in ("round", "accuracy", "train_loss", "uplink_bytes_cum", "sigma_g2")
+            }
+            for seed, rows in zip(sweep.seeds[key], seeds, strict=True)
+        }
+    return out
+
+
+def _command(preset: str, dataset: str) -> str:
+    extra = "" if dataset == "digits" else f" --dataset {dataset} --data-dir DATA_DIR"
+    return f"fl-compams reproduce {preset}{extra}"
+
+
+def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str = "digits") -> Path:
+    """Write the report of one preset and return the path of its README.md."""
+    meta = load_preset(preset).get("preset", {})
+    source = meta.get("source", preset)
+    sweep = load_sweep(Path(runs_root) / dataset / source)
+    out = Path(out_root) / dataset / preset
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarize(
+        sweep,
+        target_accuracy=meta.get("target-accuracy"),
+        target_train_loss=meta.get("target-train-loss"),
+        budget_bytes=meta.get("budget-bytes"),
+    )
+    lines = [
+        f"# {preset} ({dataset})",
+        "",
+        meta.get("description", ""),
+        "",
+        f"Regenerate: `{_command(preset, dataset)}` (runs that already exist are skipped; "
+        f"`fl-compams report {preset}` redraws from the files).",
+        "",
+        f"Seeds per method: {sorted({len(s) for s in sweep.values()}) or '—'}; mean ± std over seeds.",
+        "",
+    ]
+    plots: list[tuple[str, Path]] = []
+    if preset == "speedup":
+        lines += _speedup(rows, meta)
+        plots.append(
+            (
+                "Training loss per round",
+                plot_curves(
+                    sweep,
+                    x="round",
+                    y="train_loss",
+                    out_path=out / "train_loss.png",
+                    title="Top-k 0.01 + EF: train loss",
+                ),
+            )
+        )
+    elif preset == "heterogeneity":
+        lines += _heterogeneity(sweep, rows, out, plots)
+    elif preset == "equal-budget":
+        budget = meta["budget-bytes"]
+        lines += [
+            f"Accuracy of each method at a cumulative uplink budget of {budget / 1e6:.1f} MB (all clients together).",
+            "",
+            to_markdown(
+                rows,
+                [
+                    ("method", "method", None),
+                    ("accuracy_at_budget_mean", "accuracy at budget (%)", mean_std(1, scale=100)),
+                    ("round_at_budget_mean", "rounds within budget", ".1f"),
+                    ("uplink_bytes_per_client", "uplink bytes / client / round", ",.0f"),
+                ],
+            ),
+        ]
+    else:
+        lines.append(to_markdown(rows, default_columns(rows)))
+        plots.append(
+            (
+                "Test accuracy per round",
+                plot_curves(
+                    sweep,
+                    x="round",
+                    y="accuracy",
+                    out_path=out / "accuracy_vs_round.png",
+                    title=f"{preset}: test accuracy",
+                ),
+            )
+        )
+        plots.append(
+            (
+                "Training loss per round",
+                plot_curves(
+                    sweep,
+                    x="round",
+                    y="train_loss",
+                    out_path=out / "train_loss_vs_round.png",
+                    title=f"{preset}: train loss",
+                    logy=True,
+                ),
+            )
+        )
+        if preset != "ef-ablation":
+            plots.append(
+                (
+                    "Test accuracy against cumulative uplink bytes",
+                    plot_curves(
+                        sweep,
+                        x="uplink_bytes_cum",
+                        y="accuracy",
+                        out_path=out / "accuracy_vs_uplink_bytes.png",
+                        title=f"{preset}: accuracy vs bytes sent",
+                    ),
+                )
+            )
+    lines.append("")
+    for title, path in plots:
+        lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    if sweep.skipped:
+        lines += ["Skipped (incomplete) runs:", ""] + [f"- `{d}`: {why}" for d, why in sweep.skipped] + [""]
+    (out / "summary.json").write_text(
+        json.dumps({"table": rows, "curves": _compact(sweep)}, default=_sig) + "\n"
+    )
+    readme = out / "README.md"
+    readme.write_text("\n".join(lines))
+    return readme
+
+
+def _speedup(rows: list[dict], meta: dict) -> list[str]:
+    paper = meta.get("paper-rounds", {})
+    base = next(
+        (r for r in rows if r.get("axis_value") and r["axis"] == "n" and r["axis_value"] == "1"), None
+    )
+    table = []
+    for r in rows:
+        label = f"n-{r['axis_value']}"
+        rounds = r.get("rounds_to_train_loss_mean")
+        speed = (
+            base["rounds_to_train_loss_mean"] / rounds
+            if base and rounds and base.get("rounds_to_train_loss_mean")
+            else None
+        )
+        table.append({**r, "n": label, "speedup": speed, "paper": paper.get(label)})
+    target = meta.get("target-train-loss")
+    return [
+        f"Rounds until the smoothed training loss reaches {target} (lr = 0.001 x sqrt(n), batch fixed), with the "
+        "paper's MNIST iteration counts beside them.",
+        "",
+        to_markdown(
+            table,
+            [
+                ("n", "clients", None),
+                ("rounds_to_train_loss_mean", "rounds to target", reached("seeds_reached_train_loss", 1)),
+                ("speedup", "speedup vs n = 1", ".2f"),
+                ("paper", "paper (MNIST) iterations", None),
+                ("final_accuracy_mean", "final accuracy (%)", mean_std(1, scale=100)),
+            ],
+        ),
+    ]
+
+
+def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]:
+    # sigma_g^2 of a run: the mean of its probed values; gap: full-precision accuracy minus the method's, same alpha
+    def sigma(key: str) -> float | None:
+        vals = [
+            r["sigma_g2"]
+            for seeds in [sweep[key]]
+            for rows_ in seeds
+            for r in rows_
+            if r.get("sigma_g2") is not None
+        ]
+        return sum(vals) / len(vals) if vals else None
+
+    by_key = {r["method"]: r for r in rows}
+    table, points = [], {}
+    for r in rows:
+        label = r["label"]
+        setting = r["method"].split("/", 1)[1] if "/" in r["method"] else ""
+        ref = by_key.get(f"full-precision/{setting}" if setting else "full-precision")
+        gap = None
+        if ref and ref.get("final_accuracy_mean") is not None and r.get("final_accuracy_mean") is not None:
+            gap = ref["final_accuracy_mean"] - r["final_accuracy_mean"]
+        s2 = sigma(r["method"])
+        table.append({**r, "sigma_g2": s2, "gap": gap, "setting": setting})
+        if label != "full-precision" and s2 is not None and gap is not None:
+            xs, ys = points.setdefault(label, ([], []))
+            xs.append(s2)
+            ys.append(100 * gap)
+    plots.append(
+        (
+            "Accuracy gap to full precision against measured sigma_g^2",
+            plot_xy(
+                points,
+                xlabel="measured sigma_g^2 (mean over probes)",
+                ylabel="gap to full precision (points)",
+                out_path=out / "gap_vs_sigma_g2.png",
+                logx=True,
+            ),
+        )
+    )
+    return [
+        "sigma_g^2 = (1/n) sum_i ||grad f_i - grad f||^2 measured by the probe every 20 rounds at the current model "
+        "(mean over probes and seeds); gap = full-precision final accuracy minus the method's, same split.",
+        "",
+        to_markdown(
+            table,
+            [
+                ("label", "method", None),
+                ("setting", "split", None),
+                ("sigma_g2", "measured sigma_g^2", ".3g"),
+                ("final_accuracy_mean", "final accuracy (%)", mean_std(1, scale=100)),
+                (
+                    "gap",
+                    "gap (points)",
+                    lambda row, key: "—" if row[key] is None else f"{100 * row[key]:.1f}",
+                ),
+            ],
+        ),
+    ]

@@ -1,0 +1,100 @@
+"""Experiment presets: TOML files under ``simulations/presets`` expanded into runs, run and resumed.
+
+A preset has ``[preset]`` (description, ``num-supernodes``, ``seeds``, targets), ``[base]`` run-config
+overrides for every run, ``[datasets.<name>]`` overrides used with ``--dataset <name>``, ``[methods.<label>]``
+(one table of overrides per method) and optionally ``[[axis]]`` entries (a label plus overrides, e.g. a
+Dirichlet alpha or the number of clients) crossed with the methods. A preset may instead name a ``source``
+preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear anywhere overrides do.
+
+Runs go to ``<out>/<dataset>/<preset>/<method>[/<axis>]/seed-<s>/``; a run whose results are complete is
+skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fl_compams.config import parse_config
+from simulations.results import read_metrics
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+__all__ = ["PRESET_DIR", "PlannedRun", "available_presets", "is_complete", "load_preset", "plan_runs"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep: where it goes and what it overrides."""
+
+    key: str  # "method" or "method/axis"
+    seed: int
+    num_supernodes: int
+    overrides: dict[str, Any] = field(hash=False)
+    run_dir: Path = field(hash=False)
+
+    @property
+    def rounds(self) -> int:
+        """Number of rounds the run is configured for."""
+        return parse_config(self.overrides).server.num_server_rounds
+
+
+def available_presets() -> list[str]:
+    """Names of the preset files."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Parse ``presets/<name>.toml``."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
+    return tomllib.loads(path.read_text())
+
+
+def plan_runs(
+    name: str,
+    *,
+    out: Path,
+    dataset: str = "digits",
+    seeds: list[int] | None = None,
+    rounds: int | None = None,
+    data_dir: str = "",
+    download: bool = False,
+) -> list[PlannedRun]:
+    """Expand a preset into runs (validating every run's config now, before anything starts)."""
+    preset = load_preset(name)
+    meta = preset.get("preset", {})
+    if "source" in meta:
+        return []
+    base = dict(preset.get("base", {}))
+    if dataset != "digits":
+        base.update(preset.get("datasets", {}).get(dataset, {}))
+        base.update({"dataset": dataset, "data-dir": data_dir, "download": download, "model": "auto"})
+    if rounds is not None:
+        base["num-server-rounds"] = rounds
+    axes = preset.get("axis") or [{"label": ""}]
+    runs = []
+    for method, method_overrides in preset.get("methods", {}).items():
+        for axis in axes:
+            axis_overrides = {k: v for k, v in axis.items() if k != "label"}
+            key = f"{method}/{axis['label']}" if axis["label"] else method
+            for seed in seeds if seeds is not None else meta.get("seeds", [0]):
+                overrides = {**base, **method_overrides, **axis_overrides, "seed": seed}
+                n = int(overrides.pop("num-supernodes", meta.get("num-supernodes", 10)))
+                run_dir = out / dataset / name / key / f"seed-{seed}"
+                overrides.update({"out-dir": str(run_dir.parent), "run-name": run_dir.name})
+                parse_config(overrides)  # fail on a bad preset before the first run
+                runs.append(PlannedRun(key, seed, n, overrides, run_dir))
+    return runs
+
+
+def is_complete(run: PlannedRun) -> bool:
+    """True if the run's results already hold every round and the final model."""
+    if not (run.run_dir / "model.npz").exists() or not (run.run_dir / "metrics.jsonl").exists():
+        return False
+    rows = read_metrics(run.run_dir)
+    return bool(rows) and rows[-1]["round"] == run.rounds

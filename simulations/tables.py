@@ -1,0 +1,483 @@
+"""Summary tables of a sweep: per-method statistics over seeds and GitHub-markdown rendering.
+
+Pure functions of ``{key: [rows of each seed]}`` (see ``simulations.plots.load_sweep``); no matplotlib.
+Means are over seeds and standard deviations are sample standard deviations over seeds (``ddof=1``,
+``None`` with fewer than 2 seeds). Any value that cannot be computed is ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "REFERENCE_LABEL",
+    "SMOOTH_WINDOW",
+    "default_columns",
+    "fmt_bytes",
+    "fmt_mean_std",
+    "mean_std",
+    "parse_key",
+    "reached",
+    "smoothed",
+    "summarize",
+    "to_markdown",
+]
+
+#: Label of the uncompressed baseline that compression ratios are relative to.
+REFERENCE_LABEL = "full-precision"
+#: Trailing window (rounds) of the smoothed training loss used for the train-loss target.
+SMOOTH_WINDOW = 5
+
+_AXIS_DIR = re.compile(r"^(?P<axis>.+?)-(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+
+Rows = Sequence[Mapping[str, Any]]
+
+
+def parse_key(key: str) -> tuple[str, str | None, str | None]:
+    """Split a sweep key into ``(method label, axis, value)``.
+
+    Parameters
+    ----------
+    key : str
+        ``"topk-0.01-ef"`` or ``"topk-0.01-ef/n-4"``.
+
+    Returns
+    -------
+    tuple
+        ``("topk-0.01-ef", None, None)`` or ``("topk-0.01-ef", "n", "4")``. A sub-directory name without a
+        trailing number gives ``(label, name, None)``.
+    """
+    label, _, sub = key.partition("/")
+    if not sub:
+        return label, None, None
+    m = _AXIS_DIR.match(sub)
+    if m:
+        return label, m["axis"], m["value"]
+    return label, sub, None
+
+
+def _num(v: Any) -> float | None:
+    """``v`` as a finite float, else ``None`` (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std (``ddof=1``) of the non-``None`` values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def _pooled_mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _sorted(rows: Rows) -> list[Mapping[str, Any]]:
+    return sorted(rows, key=lambda r: r["round"])
+
+
+def smoothed(rows: Rows, column: str = "train_loss", window: int = SMOOTH_WINDOW) -> list[tuple[int, float]]:
+    """Trailing mean of ``column`` over the last ``window`` rounds that have a value.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Metrics rows of one seed.
+    column : str, default "train_loss"
+        Column to smooth; rows where it is ``None`` or missing (round 0) are skipped.
+    window : int, default 5
+        Window length; the first ``window - 1`` values average over the rounds available so far.
+
+    Returns
+    -------
+    list of (int, float)
+        ``(round, smoothed value)`` for every round with a value, in round order.
+    """
+    pts = [(r["round"], v) for r in _sorted(rows) if (v := _num(r.get(column))) is not None]
+    out = []
+    for i, (rnd, _) in enumerate(pts):
+        win = [v for _, v in pts[max(0, i - window + 1) : i + 1]]
+        out.append((rnd, sum(win) / len(win)))
+    return out
+
+
+def _reference_key(key: str, keys: Sequence[str], reference: str | None) -> str | None:
+    if reference is None:
+        return None
+    _, sep, sub = key.partition("/")
+    if sep and f"{reference}/{sub}" in keys:
+        return f"{reference}/{sub}"
+    return reference if reference in keys else None
+
+
+def _per_client_bytes(seeds: Sequence[Rows]) -> float | None:
+    return _pooled_mean(
+        [_num(r.get("uplink_bytes_per_client")) for rows in seeds for r in rows if r["round"] > 0]
+    )
+
+
+def _theory_per_client_bytes(seeds: Sequence[Rows]) -> float | None:
+    vals = []
+    for rows in seeds:
+        for r in rows:
+            bits, ok = _num(r.get("uplink_theory_bits")), _num(r.get("clients_ok"))
+            if r["round"] > 0 and bits is not None and ok:
+                vals.append(bits / 8.0 / ok)
+    return _pooled_mean(vals)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def summarize(
+    sweep: Mapping[str, Sequence[Rows]],
+    *,
+    target_accuracy: float | None = None,
+    target_train_loss: float | None = None,
+    budget_bytes: float | None = None,
+    reference: str | None = REFERENCE_LABEL,
+) -> list[dict[str, Any]]:
+    """One summary row per key of the sweep, in the sweep's order.
+
+    Parameters
+    ----------
+    sweep : mapping
+        ``{key: [metrics rows of each seed]}``; round 0 is the initial model.
+    target_accuracy : float, optional
+        Test accuracy (a fraction, like the ``accuracy`` column) to reach.
+    target_train_loss : float, optional
+        Training loss to reach. A round reaches it when the **smoothed** training loss — the mean over a
+        trailing window of the last 5 rounds with a training loss (fewer at the start, see :func:`smoothed`)
+        — is ``<= target_train_loss``. The raw per-round loss is the mean minibatch loss of that round's
+        clients and too noisy to threshold.
+    budget_bytes : float, optional
+        Cumulative uplink budget in bytes.
+    reference : str or None, default "full-precision"
+        Label of the dense baseline for compression ratios. For a key ``"<label>/<axis>-<value>"`` the
+        reference is ``"<reference>/<axis>-<value>"`` when present, else ``"<reference>"``.
+
+    Returns
+    -------
+    list of dict
+        Keys of each row (``*_mean``/``*_std`` are over seeds, ``std`` is ``None`` below 2 seeds):
+
+        - ``method`` (the sweep key), ``label``, ``axis``, ``axis_value`` (see :func:`parse_key`),
+          ``n_seeds``, ``rounds`` (last round, smallest over seeds);
+        - ``final_accuracy_*`` (last round), ``best_accuracy_*`` (max over rounds >= 1);
+        - ``final_train_loss_*`` (last round, raw) and ``final_train_loss_smooth_*`` (smoothed as above);
+        - ``uplink_bytes_per_client`` — measured uplink bytes per client per round, the mean of
+          ``uplink_bytes_per_client`` over all rounds >= 1 of all seeds;
+        - ``uplink_bytes_total_*`` — ``uplink_bytes_cum`` of the last round;
+        - ``theory_bytes_per_client`` — ``uplink_theory_bits / 8 / clients_ok`` averaged the same way
+          (rounds with no successful client are left out);
+        - ``reference`` (key of the baseline or ``None``), ``compression_ratio`` (baseline's
+          ``uplink_bytes_per_client`` / this method's) and ``compression_ratio_theory`` (same with
+          ``theory_bytes_per_client``);
+        - ``target_accuracy``, ``seeds_reached_accuracy``, ``rounds_to_accuracy_*`` (first round, possibly
+          0, with ``accuracy >= target``) and ``bytes_to_accuracy_*`` (its ``uplink_bytes_cum``), means and
+          stds over the seeds that reached the target (``None`` if none did);
+        - ``target_train_loss``, ``seeds_reached_train_loss``, ``rounds_to_train_loss_*``,
+          ``bytes_to_train_loss_*`` (same, with the smoothed training loss);
+        - ``budget_bytes``, ``accuracy_at_budget_*`` and ``round_at_budget_mean`` (the last round whose
+          ``uplink_bytes_cum <= budget_bytes``; round 0 spends nothing, so it is always defined), and
+          ``seeds_spent_budget`` (seeds whose final ``uplink_bytes_cum >= budget_bytes``; for the others the
+          value is just their final accuracy).
+
+        All target and budget fields are ``None`` when the corresponding argument is ``None``.
+    """
+    keys = list(sweep)
+    per_client = {k: _per_client_bytes(sweep[k]) for k in keys}
+    theory = {k: _theory_per_client_bytes(sweep[k]) for k in keys}
+    out = []
+    for key in keys:
+        seeds = [_sorted(rows) for rows in sweep[key] if rows]
+        label, axis, value = parse_key(key)
+        row: dict[str, Any] = {
+            "method": key,
+            "label": label,
+            "axis": axis,
+            "axis_value": value,
+            "n_seeds": len(seeds),
+            "rounds": min((rows[-1]["round"] for rows in seeds), default=None),
+        }
+
+        def put(name: str, values: Sequence[float | None], row: dict[str, Any] = row) -> None:
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
+
+        put("final_accuracy", [_num(rows[-1].get("accuracy")) for rows in seeds])
+        put(
+            "best_accuracy",
+            [
+                max(
+                    (v for r in rows if r["round"] > 0 and (v := _num(r.get("accuracy"))) is not None),
+                    default=None,
+                )
+                for rows in seeds
+            ],
+        )
+        put("final_train_loss", [_num(rows[-1].get("train_loss")) for rows in seeds])
+        smooth = [smoothed(rows) for rows in seeds]
+        put("final_train_loss_smooth", [s[-1][1] if s else None for s in smooth])
+        row["uplink_bytes_per_client"] = per_client[key]
+        put("uplink_bytes_total", [_num(rows[-1].get("uplink_bytes_cum")) for rows in seeds])
+        row["theory_bytes_per_client"] = theory[key]
+        ref = _reference_key(key, keys, reference)
+        row["reference"] = ref
+        row["compression_ratio"] = _ratio(per_client.get(ref), per_client[key]) if ref else None
+        row["compression_ratio_theory"] = _ratio(theory.get(ref), theory[key]) if ref else None
+
+        # Target accuracy.
+        row["target_accuracy"] = target_accuracy
+        hits: list[tuple[float, float | None]] = []
+        if target_accuracy is not None:
+            for rows in seeds:
+                hit = next(
+                    (r for r in rows if (a := _num(r.get("accuracy"))) is not None and a >= target_accuracy),
+                    None,
+                )
+                if hit is not None:
+                    hits.append((float(hit["round"]), _num(hit.get("uplink_bytes_cum"))))
+        row["seeds_reached_accuracy"] = len(hits) if target_accuracy is not None else None
+        put("rounds_to_accuracy", [h[0] for h in hits])
+        put("bytes_to_accuracy", [h[1] for h in hits])
+
+        # Target training loss (smoothed).
+        row["target_train_loss"] = target_train_loss
+        hits = []
+        if target_train_loss is not None:
+            for rows, s in zip(seeds, smooth, strict=True):
+                rnd = next((rd for rd, v in s if v <= target_train_loss), None)
+                if rnd is not None:
+                    hit_row = next(r for r in rows if r["round"] == rnd)
+                    hits.append((float(rnd), _num(hit_row.get("uplink_bytes_cum"))))
+        row["seeds_reached_train_loss"] = len(hits) if target_train_loss is not None else None
+        put("rounds_to_train_loss", [h[0] for h in hits])
+        put("bytes_to_train_loss", [h[1] for h in hits])
+
+        # Accuracy at a byte budget.
+        row["budget_bytes"] = budget_bytes
+        accs: list[float | None] = []
+        rnds: list[float | None] = []
+        spent = 0
+        if budget_bytes is not None:
+            for rows in seeds:
+                within = [
+                    r
+                    for r in rows
+                    if (b := _num(r.get("uplink_bytes_cum"))) is not None and b <= budget_bytes
+                ]
+                if within:
+                    accs.append(_num(within[-1].get("accuracy")))
+                    rnds.append(float(within[-1]["round"]))
+                final = _num(rows[-1].get("uplink_bytes_cum"))
+                spent += int(final is not None and final >= budget_bytes)
+        put("accuracy_at_budget", accs)
+        row["round_at_budget_mean"] = _mean_std(rnds)[0]
+        row["seeds_spent_budget"] = spent if budget_bytes is not None else None
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- formatting
+
+
+def fmt_mean_std(
+    mean: float | None, std: float | None, digits: int = 1, *, scale: float = 1.0, none: str = "—"
+) -> str:
+    """``"98.1 ± 0.3"``; just the mean when ``std`` is ``None``; ``none`` when ``mean`` is ``None``.
+
+    Parameters
+    ----------
+    mean, std : float or None
+        Values to format.
+    digits : int, default 1
+        Decimal places of both numbers.
+    scale : float, default 1.0
+        Multiply both first (``100`` turns accuracy fractions into percent).
+    none : str, default "—"
+        Text for a missing mean.
+
+    Returns
+    -------
+    str
+        The formatted text.
+    """
+    if mean is None:
+        return none
+    text = f"{mean * scale:.{digits}f}"
+    return text if std is None else f"{text} ± {std * scale:.{digits}f}"
+
+
+def fmt_bytes(n: float | None, *, none: str = "—") -> str:
+    """Decimal SI bytes with 3 significant digits: ``"512 B"``, ``"19.5 kB"``, ``"11.7 MB"``."""
+    if n is None:
+        return none
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= factor:
+            return f"{n / factor:.3g} {unit}"
+    return f"{n:.3g} B"
+
+
+Formatter = Callable[[Mapping[str, Any], str], str]
+
+
+def mean_std(digits: int = 1, *, scale: float = 1.0, as_bytes: bool = False, none: str = "—") -> Formatter:
+    """Column formatter showing ``row[key + "_mean"] ± row[key + "_std"]``.
+
+    Parameters
+    ----------
+    digits : int, default 1
+        Decimal places (ignored with ``as_bytes``).
+    scale : float, default 1.0
+        Multiply first.
+    as_bytes : bool, default False
+        Format both numbers with :func:`fmt_bytes`.
+    none : str, default "—"
+        Text when the mean is missing.
+
+    Returns
+    -------
+    callable
+        ``f(row, key) -> str`` for :func:`to_markdown`.
+    """
+
+    def fmt(row: Mapping[str, Any], key: str) -> str:
+        mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+        if as_bytes:
+            if mean is None:
+                return none
+            return fmt_bytes(mean) if std is None else f"{fmt_bytes(mean)} ± {fmt_bytes(std)}"
+        return fmt_mean_std(mean, std, digits, scale=scale, none=none)
+
+    return fmt
+
+
+def reached(count_key: str, digits: int = 1, *, scale: float = 1.0, as_bytes: bool = False) -> Formatter:
+    """Formatter for a to-target column: ``"12.0 ± 1.0 (2/3)"``, or ``"not reached (0/3)"``.
+
+    Parameters
+    ----------
+    count_key : str
+        Row key of the number of seeds that reached the target (``"seeds_reached_accuracy"``, ...).
+    digits, scale, as_bytes
+        As for :func:`mean_std`.
+
+    Returns
+    -------
+    callable
+        ``f(row, key) -> str`` for :func:`to_markdown`; ``"—"`` when no target was set.
+    """
+    inner = mean_std(digits, scale=scale, as_bytes=as_bytes)
+
+    def fmt(row: Mapping[str, Any], key: str) -> str:
+        count, n = row.get(count_key), row.get("n_seeds")
+        if count is None:
+            return "—"
+        if count == 0:
+            return f"not reached (0/{n})"
+        text = inner(row, key)
+        return text if count == n else f"{text} ({count}/{n})"
+
+    return fmt
+
+
+Column = tuple[str, str, "str | Formatter | None"]
+
+
+def _cell(row: Mapping[str, Any], key: str, fmt: str | Formatter | None) -> str:
+    if callable(fmt):
+        text = fmt(row, key)
+    else:
+        value = row.get(key)
+        if value is None:
+            text = "—"
+        elif fmt:
+            text = format(value, fmt)
+        else:
+            text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """Render rows as a GitHub-flavoured markdown table.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        E.g. the output of :func:`summarize`.
+    columns : sequence of (key, header, fmt)
+        ``fmt`` is ``None`` (``str(value)``), a format spec applied to ``row[key]`` (``".3f"``, ``",.0f"``)
+        or a callable ``fmt(row, key) -> str`` such as :func:`mean_std` / :func:`reached`. A missing
+        value (``None`` or absent key) renders as ``"—"`` for ``None`` and spec formats.
+
+    Returns
+    -------
+    str
+        Header, alignment line (first column left-aligned, the others right-aligned) and one line per row,
+        ending with a newline. ``|`` inside cells is escaped.
+    """
+    if not columns:
+        raise ValueError("to_markdown needs at least one column")
+    headers = [h.replace("|", "\\|") for _, h, _ in columns]
+    lines = ["| " + " | ".join(headers) + " |"]
+    lines.append("| " + " | ".join(":---" if i == 0 else "---:" for i in range(len(columns))) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def default_columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
+    """The standard summary columns; target, budget and ratio columns only when they have values.
+
+    Accuracies are shown in percent; the target and budget values come from the rows themselves.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Output of :func:`summarize`.
+
+    Returns
+    -------
+    list of (key, header, fmt)
+        Columns for :func:`to_markdown`.
+    """
+    cols: list[Column] = [
+        ("method", "method", None),
+        ("n_seeds", "seeds", "d"),
+        ("final_accuracy", "final acc. (%)", mean_std(1, scale=100)),
+        ("best_accuracy", "best acc. (%)", mean_std(1, scale=100)),
+        ("final_train_loss_smooth", "train loss (last 5)", mean_std(3)),
+        ("uplink_bytes_per_client", "uplink B/client/round", ",.0f"),
+        ("theory_bytes_per_client", "theory B/client/round", ",.0f"),
+        ("uplink_bytes_total", "uplink total", mean_std(as_bytes=True)),
+    ]
+    first = rows[0] if rows else {}
+    if any(r.get("compression_ratio") is not None for r in rows):
+        cols.append(("compression_ratio", f"ratio vs {REFERENCE_LABEL}", ".1f"))
+    if first.get("target_accuracy") is not None:
+        t = 100 * first["target_accuracy"]
+        cols.append(("rounds_to_accuracy", f"rounds to {t:g}%", reached("seeds_reached_accuracy", 1)))
+        cols.append(
+            ("bytes_to_accuracy", f"uplink to {t:g}%", reached("seeds_reached_accuracy", as_bytes=True))
+        )
+    if first.get("target_train_loss") is not None:
+        t = first["target_train_loss"]
+        cols.append(
+            ("rounds_to_train_loss", f"rounds to train loss {t:g}", reached("seeds_reached_train_loss", 1))
+        )
+    if first.get("budget_bytes") is not None:
+        cols.append(
+            ("accuracy_at_budget", f"acc. (%) at {fmt_bytes(first['budget_bytes'])}", mean_std(1, scale=100))
+        )
+    return cols
