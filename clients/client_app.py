@@ -15,14 +15,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import state_io
+from clients import baselines, state_io
 from clients.local_data import node_data
 from clients.training import evaluate, full_gradient, local_update
 from fl_compams import protocol
 from fl_compams.codec import to_bytes
-from fl_compams.config import ExperimentConfig, build_compressor, parse_config
+from fl_compams.config import ExperimentConfig, build_client_optimizer, build_compressor, parse_config
 from fl_compams.error_feedback import ef_step
-from fl_compams.flat import ParamSpec
+from fl_compams.flat import ParamSpec, flatten
 from simulations.task import model_for_task, resolve_device, task_shape
 
 app = ClientApp()
@@ -72,6 +72,14 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=cfg.train.batch_size,
             generator=_generator(cfg, pid, server_round, 0),
         )
+    if cfg.algorithm != "compams":  # Flower's own FedAvg / FedAdam: reply with the trained dense model
+        theta0 = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
+        metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
+        lr_steps = cfg.train.local_lr * cfg.train.local_steps
+        return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
+    client_opt = build_client_optimizer(cfg.train)
+    if client_opt is not None:  # QAdam: send the local Adam step instead of the gradient
+        update = baselines.local_adam_step(context.state, update, client_opt)
     compressor = build_compressor(cfg.compression, spec.block_sizes)
     residual = (
         state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
