@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from PIL import Image
 
+from simulations.results import read_metrics
 from simulations.tables import _AXIS_DIR, parse_key
 
 __all__ = [
@@ -103,18 +104,7 @@ class Sweep(dict):
 
 
 def _read_rows(run_dir: Path) -> list[dict]:
-    """The complete rows of ``metrics.jsonl``; same rule as ``simulations.results.read_metrics``.
-
-    Re-implemented here (a torn last line ends the file) so that plotting does not import torch.
-    """
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+    return read_metrics(run_dir)
 
 
 def _natural_key(name: str) -> tuple:

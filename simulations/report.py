@@ -224,7 +224,7 @@ def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]
         )
     )
     return [
-        "sigma_g^2 = (1/n) sum_i ||grad f_i - grad f||^2 measured by the probe every 20 rounds at the current model "
+        "sigma_g^2 = (1/n) sum_i ||grad f_i - grad f||^2 measured by the probe at the current model "
         "(mean over probes and seeds); gap = full-precision final accuracy minus the method's, same split.",
         "",
         to_markdown(

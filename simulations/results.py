@@ -12,10 +12,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported lazily: plots and tables read results without it
+    import torch
 
 import numpy as np
-import torch
 
 __all__ = ["ResultsDir", "load_model", "read_metrics", "resolve_run_dir"]
 
@@ -84,5 +86,7 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 
 def load_model(run_dir: Path | str) -> dict[str, torch.Tensor]:
     """Named tensors from ``model.npz`` (no pickle)."""
+    import torch
+
     with np.load(Path(run_dir) / "model.npz", allow_pickle=False) as data:
         return {k: torch.from_numpy(data[k]) for k in data.files}
