@@ -457,9 +457,9 @@ def plot_curves(
         )
         band = ~np.isnan(std)
         if band.any():
-            ax.fill_between(
-                grid, mean - std, mean + std, where=band, color=st["color"], alpha=0.18, linewidth=0
-            )
+            # on a log axis a band reaching zero would fill the plot: its lower edge stops a decade below
+            lower = np.maximum(mean - std, mean / 10) if logy else mean - std
+            ax.fill_between(grid, lower, mean + std, where=band, color=st["color"], alpha=0.18, linewidth=0)
         drawn += 1
     if logx:
         ax.set_xscale("log")

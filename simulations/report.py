@@ -37,6 +37,18 @@ def _compact(sweep) -> dict:
     return out
 
 
+def _smoothed(sweep, window: int):
+    """Add ``train_loss_smooth`` to every row: the trailing mean of the last ``window`` train losses."""
+    for seeds in sweep.values():
+        for rows in seeds:
+            recent: list[float] = []
+            for row in rows:
+                if row.get("train_loss") is not None:
+                    recent = [*recent[-(window - 1) :], row["train_loss"]]
+                row["train_loss_smooth"] = sum(recent) / len(recent) if recent else None
+    return sweep
+
+
 def _command(preset: str, dataset: str) -> str:
     extra = "" if dataset == "digits" else f" --dataset {dataset} --data-dir DATA_DIR"
     return f"fl-compams reproduce {preset}{extra}"
@@ -47,6 +59,8 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     meta = load_preset(preset).get("preset", {})
     source = meta.get("source", preset)
     sweep = load_sweep(Path(runs_root) / dataset / source)
+    window = 10
+    _smoothed(sweep, window)
     out = Path(out_root) / dataset / preset
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(
@@ -75,9 +89,11 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
                 plot_curves(
                     sweep,
                     x="round",
-                    y="train_loss",
+                    y="train_loss_smooth",
                     out_path=out / "train_loss.png",
-                    title="Top-k 0.01 + EF: train loss",
+                    title=f"Top-k 0.01 + EF: train loss (mean of last {window} rounds)",
+                    ylabel="training loss",
+                    logy=True,
                 ),
             )
         )
@@ -118,9 +134,10 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
                 plot_curves(
                     sweep,
                     x="round",
-                    y="train_loss",
+                    y="train_loss_smooth",
                     out_path=out / "train_loss_vs_round.png",
-                    title=f"{preset}: train loss",
+                    title=f"{preset}: train loss (mean of last {window} rounds)",
+                    ylabel="training loss",
                     logy=True,
                 ),
             )
