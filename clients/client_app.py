@@ -35,11 +35,8 @@ def _setup(msg: Message, context: Context):
     device = resolve_device(cfg.train.device)
     input_shape, num_classes = task_shape(cfg.data)
     data = node_data(cfg.data, context.node_config, cfg.seed, device, input_shape, num_classes)
-    pid, x, y = (
-        data.seed_id,
-        data.x,
-        data.y,
-    )  # pid seeds this node's randomness (its partition id if it has one)
+    # pid seeds this node's randomness: its partition id if it has one
+    pid, x, y = data.seed_id, data.x, data.y
     model = model_for_task(cfg.data, cfg.seed)  # architecture only: the weights come from the message
     model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
     model.to(device)
@@ -91,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     if residual is not None:
         state_io.save_residual(context.state, residual)
     rounds = state_io.bump_rounds(context.state)
-    state_io.save_to_disk(context)
+    state_io.save_to_disk(context, spec.dim)
     metrics = {
         protocol.NUM_EXAMPLES: int(x.shape[0]),
         protocol.TRAIN_LOSS: float(loss),

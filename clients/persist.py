@@ -1,23 +1,34 @@
 """Client state on node-local disk, so a restarted SuperNode continues with its error-feedback residual.
 
 Opt-in with the SuperNode's node config ``state-dir='/path'``. After every training round the ClientApp writes the
-node's state (the EF residual and the rounds counter) to ``<state-dir>/run-<run id>/<node key>.state``; a
-ClientApp whose ``context.state`` is empty (first round after a SuperNode restart) reads it back.
+node's state, i.e. every array it keeps in ``context.state`` (the EF residual, QAdam's local moments, ...) and the
+rounds counter, to ``<state-dir>/run-<run id>/<node key>.state``; a ClientApp whose ``context.state`` is empty
+(the first round after a SuperNode restart) reads it back.
 
-File format, version 1 (all integers little-endian; no pickle, no numpy object arrays)::
+File format, version 1 (integers little-endian; no pickle, no numpy object arrays)::
 
     offset  size     field
     0       8        magic  b"CAMSEFST"
     8       2        format version (u16) = 1
-    10      2        flags (u16); bit 0 = a residual follows
+    10      2        flags (u16) = 0 (reserved)
     12      8        run id (u64)
     20      8        node id of the writer (u64; informative: a restarted SuperNode gets a new node id)
     28      8        rounds the state has seen (u64)
-    36      8        residual dimension d (u64; 0 without a residual)
+    36      8        model dimension d the state belongs to (u64)
     44      2        length k of the node key (u16)
-    46      k        node key, UTF-8 (``partition-3``, ``node-<node-name>`` or ``node-<node id>``)
-    46+k    4*d      residual, float32
+    46      2        number of arrays (u16)
+    48      k        node key, UTF-8 (``partition-3``, ``node-<node-name>`` or ``node-<node id>``)
+    then, per array:
+            2 + r    length and UTF-8 name of its record in context.state (``ef``)
+            2 + a    length and UTF-8 name of the array in that record (``residual``)
+            1        dtype code (see ``DTYPES``; the EF residual is float32, code 2)
+            1        number of dimensions n
+            8 * n    shape (u64 each)
+            ...      the values, little-endian, C order
     end-32  32       SHA-256 of every byte before it
+
+So the file of one EF residual of the digits CNN (d = 151,306) for node key ``partition-0`` is
+48 + 11 + (2 + 2 + 2 + 8 + 1 + 1 + 8) + 4 d + 32 = 605,339 bytes.
 
 Writes are atomic: the bytes go to a temporary file in the same directory, which is flushed, fsync'ed and then
 renamed over the old file with ``os.replace``, so a crash leaves either the old or the new file, never a torn one.
@@ -34,16 +45,19 @@ import os
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
+    "DTYPES",
     "FORMAT_VERSION",
     "MAGIC",
     "PersistedState",
     "StateFileWarning",
+    "arrays_of",
     "decode_state",
     "encode_state",
     "read_state",
@@ -55,15 +69,32 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"CAMSEFST"
 FORMAT_VERSION = 1
-FLAG_RESIDUAL = 1
-_HEADER = struct.Struct("<8sHHQQQQH")
+#: dtype code -> numpy dtype (little-endian); the codes are part of the file format: never renumber them.
+DTYPES: dict[int, np.dtype] = {
+    1: np.dtype("<f2"),
+    2: np.dtype("<f4"),
+    3: np.dtype("<f8"),
+    4: np.dtype("i1"),
+    5: np.dtype("<i2"),
+    6: np.dtype("<i4"),
+    7: np.dtype("<i8"),
+    8: np.dtype("u1"),
+    9: np.dtype("<u2"),
+    10: np.dtype("<u4"),
+    11: np.dtype("<u8"),
+    12: np.dtype("?"),
+}
+_CODES = {dt: code for code, dt in DTYPES.items()}
+_HEADER = struct.Struct("<8sHHQQQQHH")
 _DIGEST = hashlib.sha256().digest_size
 _U64 = 0xFFFFFFFFFFFFFFFF
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
+Arrays = dict[str, dict[str, np.ndarray]]
+
 
 class StateFileWarning(RuntimeWarning):
-    """A client state file could not be used; the client continues with a fresh (zero) residual."""
+    """A client state file could not be used (or written); the client continues with a fresh state."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,15 +109,18 @@ class PersistedState:
         The node's stable key (see :func:`state_path`).
     rounds : int
         Training rounds this state has seen.
-    residual : numpy.ndarray or None
-        The float32 EF residual (``None`` when error feedback is off).
+    dim : int
+        Dimension of the model the state belongs to.
+    arrays : dict
+        ``{record name: {array name: numpy array}}``, the ArrayRecords of ``context.state``.
     """
 
     run_id: int
     node_id: int
     node_key: str
     rounds: int
-    residual: np.ndarray | None
+    dim: int
+    arrays: Arrays = field(default_factory=dict)
 
 
 def state_path(state_dir: str | Path, run_id: int, node_key: str) -> Path:
@@ -94,26 +128,79 @@ def state_path(state_dir: str | Path, run_id: int, node_key: str) -> Path:
     return Path(state_dir).expanduser() / f"run-{run_id & _U64}" / f"{_UNSAFE.sub('_', node_key)}.state"
 
 
+def _name(text: str, what: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise ValueError(f"{what} is {len(data)} bytes long, at most 65535 are allowed")
+    return struct.pack("<H", len(data)) + data
+
+
 def encode_state(state: PersistedState) -> bytes:
-    """The bytes of a state file (format version 1) for ``state``."""
+    """The bytes of a state file (format version 1) for ``state``.
+
+    Raises
+    ------
+    ValueError
+        For a negative round count or dimension, an unsupported dtype, too many arrays or too long names.
+    """
+    if state.rounds < 0 or state.dim < 0:
+        raise ValueError(f"rounds and dim must be >= 0, got {state.rounds} and {state.dim}")
+    entries = [(rec, name, arr) for rec, arrays in state.arrays.items() for name, arr in arrays.items()]
+    if len(entries) > 0xFFFF:
+        raise ValueError(f"{len(entries)} arrays, at most 65535 are allowed")
     key = state.node_key.encode("utf-8")
     if len(key) > 0xFFFF:
         raise ValueError(f"node key is {len(key)} bytes long, at most 65535 are allowed")
-    if state.rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {state.rounds}")
-    if state.residual is None:
-        flags, body = 0, b""
-    else:
-        residual = np.ascontiguousarray(state.residual, dtype="<f4")
-        if residual.ndim != 1:
-            raise ValueError(f"the residual must be a vector, got shape {residual.shape}")
-        flags, body = FLAG_RESIDUAL, residual.tobytes()
-    dim = 0 if state.residual is None else len(body) // 4
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, flags, state.run_id & _U64, state.node_id & _U64, state.rounds, dim, len(key)
-    )
-    data = header + key + body
+    parts = [
+        _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            0,
+            state.run_id & _U64,
+            state.node_id & _U64,
+            state.rounds,
+            state.dim,
+            len(key),
+            len(entries),
+        ),
+        key,
+    ]
+    for rec, name, arr in entries:
+        arr = np.asarray(arr)
+        code = _CODES.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+        if code is None:
+            raise ValueError(f"array {rec}/{name} has dtype {arr.dtype}; supported: bool, ints, floats")
+        if arr.ndim > 255:
+            raise ValueError(f"array {rec}/{name} has {arr.ndim} dimensions, at most 255 are allowed")
+        parts += [
+            _name(rec, "record name"),
+            _name(name, "array name"),
+            struct.pack(f"<BB{arr.ndim}Q", code, arr.ndim, *arr.shape),
+            np.ascontiguousarray(arr, dtype=DTYPES[code]).tobytes(),
+        ]
+    data = b"".join(parts)
     return data + hashlib.sha256(data).digest()
+
+
+class _Reader:
+    """Bounds-checked reads from the verified body of a state file."""
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise ValueError(f"length mismatch: {what} needs {n} bytes, {len(self.data) - self.pos} are left")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def text(self, what: str) -> str:
+        (n,) = struct.unpack("<H", self.take(2, what))
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"the {what} is not UTF-8 ({err})") from err
 
 
 def decode_state(data: bytes) -> PersistedState:
@@ -123,13 +210,13 @@ def decode_state(data: bytes) -> PersistedState:
     ------
     ValueError
         With what is wrong: too short, not a state file, unsupported version, checksum mismatch, inconsistent
-        lengths, unknown flags, non-finite residual.
+        lengths, unknown flags or dtype codes, non-finite floating-point values.
     """
     if len(data) < _HEADER.size + _DIGEST:
         raise ValueError(
             f"truncated: {len(data)} bytes, shorter than the {_HEADER.size + _DIGEST}-byte minimum"
         )
-    magic, version, flags, run_id, node_id, rounds, dim, key_len = _HEADER.unpack_from(data)
+    magic, version, flags, run_id, node_id, rounds, dim, key_len, count = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a COMP-AMS client state file (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
@@ -139,25 +226,30 @@ def decode_state(data: bytes) -> PersistedState:
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise ValueError("checksum mismatch: the file is truncated or corrupted")
-    if flags & ~FLAG_RESIDUAL:
+    if flags:
         raise ValueError(f"unknown flags {flags:#06x}")
-    has_residual = bool(flags & FLAG_RESIDUAL)
-    expected = _HEADER.size + key_len + (4 * dim if has_residual else 0)
-    if len(body) != expected or (not has_residual and dim):
-        raise ValueError(
-            f"length mismatch: {len(body)} bytes before the checksum, the header says {expected}"
-        )
-    key_end = _HEADER.size + key_len
+    reader = _Reader(body, _HEADER.size)
     try:
-        node_key = body[_HEADER.size : key_end].decode("utf-8")
+        node_key = reader.take(key_len, "node key").decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"the node key is not UTF-8 ({err})") from err
-    residual = None
-    if has_residual:
-        residual = np.frombuffer(body, dtype="<f4", count=dim, offset=key_end).astype(np.float32)
-        if not np.isfinite(residual).all():
-            raise ValueError("the residual contains NaN or infinite values")
-    return PersistedState(run_id, node_id, node_key, rounds, residual)
+    arrays: Arrays = {}
+    for _ in range(count):
+        rec, name = reader.text("record name"), reader.text("array name")
+        code, ndim = struct.unpack("<BB", reader.take(2, f"dtype of {rec}/{name}"))
+        if code not in DTYPES:
+            raise ValueError(f"unknown dtype code {code} for array {rec}/{name}")
+        shape = struct.unpack(f"<{ndim}Q", reader.take(8 * ndim, f"shape of {rec}/{name}"))
+        dtype = DTYPES[code]
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        arr = np.frombuffer(reader.take(nbytes, f"values of {rec}/{name}"), dtype=dtype).reshape(shape)
+        arr = arr.astype(dtype.newbyteorder("="), copy=True)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"array {rec}/{name} contains NaN or infinite values")
+        arrays.setdefault(rec, {})[name] = arr
+    if reader.pos != len(body):
+        raise ValueError(f"length mismatch: {len(body) - reader.pos} unexpected bytes after the last array")
+    return PersistedState(run_id, node_id, node_key, rounds, dim, arrays)
 
 
 def write_state(path: str | Path, state: PersistedState) -> None:
@@ -169,11 +261,12 @@ def write_state(path: str | Path, state: PersistedState) -> None:
         If the directory cannot be created or the file cannot be written; the temporary file is removed.
     """
     path = Path(path)
+    data = encode_state(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(encode_state(state))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -192,7 +285,7 @@ def read_state(path: str | Path, *, run_id: int, node_key: str, dim: int | None)
     run_id, node_key
         The file must have been written for this run and this node key.
     dim
-        The model dimension a saved residual must have (``None``: do not check).
+        The model dimension the state must belong to (``None``: do not check).
 
     Returns
     -------
@@ -215,15 +308,18 @@ def read_state(path: str | Path, *, run_id: int, node_key: str, dim: int | None)
         return _unusable(path, f"belongs to run {state.run_id}, not to run {run_id & _U64}")
     if state.node_key != node_key:
         return _unusable(path, f"belongs to node {state.node_key!r}, not to {node_key!r}")
-    if dim is not None and state.residual is not None and state.residual.shape != (dim,):
-        return _unusable(
-            path, f"holds a residual of dimension {state.residual.shape[0]}, the model has {dim}"
-        )
+    if dim is not None and state.dim != dim:
+        return _unusable(path, f"belongs to a model of dimension {state.dim}, this model has {dim}")
     return state
 
 
+def arrays_of(records: Mapping[str, Mapping[str, object]]) -> Arrays:
+    """``{record: {name: numpy array}}`` from ArrayRecords (anything with ``.numpy()`` values)."""
+    return {rec: {name: arr.numpy() for name, arr in arrays.items()} for rec, arrays in records.items()}
+
+
 def _unusable(path: Path, reason: str) -> None:
-    message = f"client state file {str(path)!r} is not used ({reason}); starting from a zero residual"
+    message = f"client state file {str(path)!r} is not used ({reason}); starting from a fresh (zero) state"
     log.warning(message)
     warnings.warn(message, StateFileWarning, stacklevel=3)
     return None

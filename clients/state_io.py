@@ -81,18 +81,21 @@ def restore_from_disk(context: Context, dim: int) -> bool:
     saved = persist.read_state(path, run_id=context.run_id, node_key=key, dim=dim)
     if saved is None:
         return False
-    if saved.residual is not None:
-        context.state[RESIDUAL_RECORD] = ArrayRecord({RESIDUAL_KEY: Array(saved.residual)})
+    for record, arrays in saved.arrays.items():
+        context.state[record] = ArrayRecord({name: Array(arr) for name, arr in arrays.items()})
     context.state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(saved.rounds)})
-    log.info("restored client state from %s (%d rounds)", path, saved.rounds)
+    log.info(
+        "restored client state from %s (%d rounds, records %s)", path, saved.rounds, sorted(saved.arrays)
+    )
     return True
 
 
-def save_to_disk(context: Context) -> None:
-    """Mirror ``context.state`` (residual and rounds) to the node's state file, atomically.
+def save_to_disk(context: Context, dim: int) -> None:
+    """Mirror ``context.state`` (all its arrays: residual, local moments, ...; and the rounds) to the state file.
 
-    Does nothing without ``state-dir``. A failed write gives a :class:`clients.persist.StateFileWarning` and
-    the round goes on: the state is still in memory, it just would not survive a restart.
+    Does nothing without ``state-dir``. The write is atomic. A failed write gives a
+    :class:`clients.persist.StateFileWarning` and the round goes on: the state is still in memory, it just would
+    not survive a restart.
     """
     path = state_file(context)
     if path is None:
@@ -104,9 +107,9 @@ def save_to_disk(context: Context) -> None:
             "keyed by the node id, which changes when the SuperNode restarts; set node-name='<unique name>'"
         )
     state = context.state
-    residual = state[RESIDUAL_RECORD][RESIDUAL_KEY].numpy() if RESIDUAL_RECORD in state else None
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
-    record = persist.PersistedState(context.run_id, context.node_id, key, rounds, residual)
+    arrays = persist.arrays_of(state.array_records)
+    record = persist.PersistedState(context.run_id, context.node_id, key, rounds, dim, arrays)
     try:
         persist.write_state(path, record)
     except OSError as err:

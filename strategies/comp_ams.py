@@ -109,6 +109,7 @@ class CompAMS(FedAvg):
         self.node_labels = dict(node_labels or {})
         self.round_offset = round_offset
         self.traffic: dict[int, RoundTraffic] = {}
+        self._sent: dict[int, list[Message]] = {}
 
     def label(self, node_id: int) -> str:
         """Stable name of a node: its partition if known, else its node id."""
@@ -131,6 +132,7 @@ class CompAMS(FedAvg):
         # (seed, round) only, so runs repeat and a resumed run samples what the uninterrupted one would.
         random.seed(protocol.derive_seed(self.config.seed, rnd))
         messages = list(super().configure_train(rnd, arrays, config, grid))
+        self._sent[rnd] = messages  # the Grid sets each one's message_id in place when it sends them
         traffic = RoundTraffic()
         if messages:
             size = wire_bytes(messages[0].content)  # FedAvg shares one RecordDict across all messages
@@ -145,8 +147,11 @@ class CompAMS(FedAvg):
         rnd = server_round + self.round_offset
         traffic = self.traffic.setdefault(rnd, RoundTraffic())
         valid: list[ValidReply] = []
+        # For a node that left (a stopped or restarted SuperNode) the SuperLink itself answers, with an error
+        # reply from node 1: find the node the instruction went to through reply_to_message_id.
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop(rnd, [])}
         for msg in replies:
-            label = self.label(msg.metadata.src_node_id)
+            label = self.label(dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
             if msg.has_error():
                 traffic.failures[label] = f"client error: {msg.error.reason}"
                 continue

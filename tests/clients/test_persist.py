@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 
-from clients import persist, state_io
+from clients import baselines, persist, state_io
 from clients.persist import (
     PersistedState,
     StateFileWarning,
@@ -21,11 +21,24 @@ from clients.persist import (
 )
 
 RUN, NODE, KEY, DIM = 2**63 + 12345, 2**64 - 7, "partition-1", 1000
+HEADER = struct.Struct("<8sHHQQQQHH")
 
 
-def make_state(np_rng, *, residual=True, rounds=3, run=RUN, key=KEY, dim=DIM):
-    res = np_rng.standard_normal(dim).astype(np.float32) if residual else None
-    return PersistedState(run, NODE, key, rounds, res)
+def make_state(np_rng, *, rounds=3, run=RUN, key=KEY, dim=DIM, extra=True):
+    arrays = {"ef": {"residual": np_rng.standard_normal(dim).astype(np.float32)}}
+    if extra:  # what QAdam keeps besides the residual, and every other supported dtype
+        arrays["qadam"] = {
+            "m": np_rng.standard_normal(dim).astype(np.float32),
+            "step": np.array([7], dtype=np.int64),
+        }
+        arrays["misc"] = {
+            "half": np.arange(6, dtype=np.float16).reshape(2, 3),
+            "double": np.array(2.5),  # 0-d
+            "flags": np.array([True, False]),
+            "bytes": np.arange(5, dtype=np.uint8),
+            "empty": np.zeros((0, 4), np.int32),
+        }
+    return PersistedState(run, NODE, key, rounds, dim, arrays)
 
 
 def rehash(body: bytes) -> bytes:
@@ -33,40 +46,51 @@ def rehash(body: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_round_trip_is_exact(tmp_path, np_rng, residual):
-    state = make_state(np_rng, residual=residual)
+def assert_same(a: PersistedState, b: PersistedState) -> None:
+    assert (a.run_id, a.node_id, a.node_key, a.rounds, a.dim) == (
+        b.run_id,
+        b.node_id,
+        b.node_key,
+        b.rounds,
+        b.dim,
+    )
+    assert a.arrays.keys() == b.arrays.keys()
+    for rec in a.arrays:
+        assert a.arrays[rec].keys() == b.arrays[rec].keys()
+        for name, x in a.arrays[rec].items():
+            y = b.arrays[rec][name]
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), (rec, name)
+
+
+def test_round_trip_is_exact(tmp_path, np_rng):
+    state = make_state(np_rng)
     path = persist.state_path(tmp_path, RUN, KEY)
     write_state(path, state)
     assert path == tmp_path / f"run-{RUN}" / "partition-1.state"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = read_state(path, run_id=RUN, node_key=KEY, dim=DIM)
-    assert (got.run_id, got.node_id, got.node_key, got.rounds) == (RUN, NODE, KEY, 3)
-    if residual:
-        assert got.residual.dtype == np.float32 and np.array_equal(got.residual, state.residual)
-    else:
-        assert got.residual is None
-    assert path.stat().st_size == 46 + len(KEY) + (4 * DIM if residual else 0) + 32
+    assert_same(got, state)
+
+
+def test_file_size_of_the_digits_cnn_residual_is_the_documented_one(tmp_path):
+    d = 151_306
+    state = PersistedState(RUN, NODE, "partition-0", 1, d, {"ef": {"residual": np.zeros(d, np.float32)}})
+    assert len(encode_state(state)) == 605_339 == 48 + 11 + 24 + 4 * d + 32
 
 
 def test_layout_is_the_documented_one(np_rng):
-    state = make_state(np_rng, dim=3)
+    state = make_state(np_rng, dim=3, extra=False)
     data = encode_state(state)
-    magic, version, flags, run, node, rounds, dim, klen = struct.unpack_from("<8sHHQQQQH", data)
-    assert (magic, version, flags, run, node, rounds, dim, klen) == (
-        b"CAMSEFST",
-        1,
-        1,
-        RUN,
-        NODE,
-        3,
-        3,
-        len(KEY),
-    )
-    assert data[46 : 46 + klen] == KEY.encode()
-    assert np.array_equal(np.frombuffer(data, "<f4", 3, 46 + klen), state.residual)
-    assert data[-32:] == hashlib.sha256(data[:-32]).digest()
+    assert HEADER.unpack_from(data) == (b"CAMSEFST", 1, 0, RUN, NODE, 3, 3, len(KEY), 1)
+    pos = HEADER.size
+    assert data[pos : pos + len(KEY)] == KEY.encode()
+    pos += len(KEY)
+    assert data[pos : pos + 4] == struct.pack("<H", 2) + b"ef"
+    assert data[pos + 4 : pos + 14] == struct.pack("<H", 8) + b"residual"
+    assert struct.unpack_from("<BBQ", data, pos + 14) == (2, 1, 3)  # float32, 1-d, shape (3,)
+    assert np.array_equal(np.frombuffer(data, "<f4", 3, pos + 24), state.arrays["ef"]["residual"])
+    assert len(data) == pos + 24 + 12 + 32 and data[-32:] == hashlib.sha256(data[:-32]).digest()
 
 
 def test_missing_file_is_a_silent_fresh_start(tmp_path):
@@ -76,10 +100,15 @@ def test_missing_file_is_a_silent_fresh_start(tmp_path):
 
 
 def _header(data: bytes, **fields) -> bytes:
-    names = ("magic", "version", "flags", "run", "node", "rounds", "dim", "klen")
-    values = dict(zip(names, struct.unpack_from("<8sHHQQQQH", data), strict=True))
+    """The file's body (without checksum) with header fields replaced."""
+    names = ("magic", "version", "flags", "run", "node", "rounds", "dim", "klen", "count")
+    values = dict(zip(names, HEADER.unpack_from(data), strict=True))
     values.update(fields)
-    return struct.pack("<8sHHQQQQH", *values.values()) + data[46:-32]
+    return HEADER.pack(*values.values()) + data[HEADER.size : -32]
+
+
+ARRAY0 = HEADER.size + len(KEY)  # offset of the first array entry (ef/residual)
+VALUES0 = ARRAY0 + 24  # offset of its values
 
 
 CORRUPTIONS = {
@@ -92,15 +121,25 @@ CORRUPTIONS = {
     "trailing garbage": (lambda d: d + b"\x00" * 8, "checksum mismatch"),
     "foreign file": (lambda d: b"PK\x03\x04" + d[4:], "not a COMP-AMS client state file"),
     "future version": (lambda d: rehash(_header(d, version=2)), "format version 2 is not supported"),
-    "unknown flag": (lambda d: rehash(_header(d, flags=3)), "unknown flags"),
-    "length mismatch": (lambda d: rehash(_header(d, dim=DIM + 1)), "length mismatch"),
+    "unknown flag": (lambda d: rehash(_header(d, flags=1)), "unknown flags"),
+    "array count too high": (lambda d: rehash(_header(d, count=4)), "length mismatch"),
+    "array count too low": (lambda d: rehash(_header(d, count=2)), "unexpected bytes after the last array"),
+    "key too long": (lambda d: rehash(_header(d, klen=2**16 - 1)), "length mismatch"),
     "key not utf-8": (
-        lambda d: rehash(_header(d[:46] + b"\xff" * len(KEY) + d[46 + len(KEY) :])),
-        "not UTF-8",
+        lambda d: rehash(_header(d[: HEADER.size] + b"\xff" * len(KEY) + d[ARRAY0:])),
+        "node key is not UTF-8",
+    ),
+    "unknown dtype": (
+        lambda d: rehash(d[: ARRAY0 + 14] + bytes([99]) + d[ARRAY0 + 15 : -32]),
+        "unknown dtype code 99",
+    ),
+    "shape too large": (
+        lambda d: rehash(d[: ARRAY0 + 16] + struct.pack("<Q", 2**40) + d[ARRAY0 + 24 : -32]),
+        "length mismatch",
     ),
     "nan residual": (
-        lambda d: rehash(d[: 46 + len(KEY)] + np.float32("nan").tobytes() + d[50 + len(KEY) : -32]),
-        "NaN or infinite",
+        lambda d: rehash(d[:VALUES0] + np.float32("nan").tobytes() + d[VALUES0 + 4 : -32]),
+        "ef/residual contains NaN",
     ),
 }
 
@@ -112,7 +151,16 @@ def test_every_corruption_gives_a_warning_and_a_fresh_state(tmp_path, np_rng, na
     path.write_bytes(corrupt(encode_state(make_state(np_rng))))
     with pytest.warns(StateFileWarning, match=reason) as record:
         assert read_state(path, run_id=RUN, node_key=KEY, dim=DIM) is None
-    assert str(path) in str(record[0].message) and "zero residual" in str(record[0].message)
+    assert str(path) in str(record[0].message) and "fresh (zero) state" in str(record[0].message)
+
+
+def test_every_truncation_gives_a_warning(tmp_path, np_rng):
+    data = encode_state(make_state(np_rng, dim=4))
+    path = tmp_path / "node.state"
+    for n in range(len(data)):
+        path.write_bytes(data[:n])
+        with pytest.warns(StateFileWarning):
+            assert read_state(path, run_id=RUN, node_key=KEY, dim=4) is None
 
 
 @pytest.mark.parametrize(
@@ -120,7 +168,7 @@ def test_every_corruption_gives_a_warning_and_a_fresh_state(tmp_path, np_rng, na
     [
         ({"run_id": RUN + 1}, "belongs to run"),
         ({"node_key": "partition-2"}, "belongs to node 'partition-1'"),
-        ({"dim": DIM - 1}, f"dimension {DIM}, the model has {DIM - 1}"),
+        ({"dim": DIM - 1}, f"model of dimension {DIM}, this model has {DIM - 1}"),
     ],
 )
 def test_file_of_another_run_node_or_model_is_not_used(tmp_path, np_rng, kwargs, reason):
@@ -165,13 +213,19 @@ def test_node_key_is_sanitised_into_the_file_name(tmp_path):
     assert path.parent == tmp_path / "run-5" and "/" not in path.name and " " not in path.name
 
 
-def test_encode_rejects_bad_input(np_rng):
-    with pytest.raises(ValueError, match="vector"):
-        encode_state(PersistedState(RUN, NODE, KEY, 1, np.zeros((2, 2), np.float32)))
-    with pytest.raises(ValueError, match="rounds"):
-        encode_state(PersistedState(RUN, NODE, KEY, -1, None))
+def test_encode_rejects_what_the_format_cannot_hold():
+    with pytest.raises(ValueError, match="dtype complex64"):
+        encode_state(PersistedState(RUN, NODE, KEY, 1, 2, {"ef": {"r": np.zeros(2, np.complex64)}}))
+    with pytest.raises(ValueError, match="rounds and dim"):
+        encode_state(PersistedState(RUN, NODE, KEY, -1, 2))
     with pytest.raises(ValueError, match="truncated"):
         decode_state(b"CAMSEFST")
+
+
+def test_big_endian_arrays_are_stored_little_endian():
+    arr = np.arange(3, dtype=">f4")
+    got = decode_state(encode_state(PersistedState(RUN, NODE, KEY, 1, 3, {"ef": {"r": arr}})))
+    assert got.arrays["ef"]["r"].dtype == np.float32 and np.array_equal(got.arrays["ef"]["r"], arr)
 
 
 # ------------------------------------------------------------------ context.state <-> disk (clients.state_io)
@@ -188,7 +242,7 @@ def train_round(ctx, residual):
     before = state_io.load_residual(ctx.state, residual.numel(), torch.device("cpu"))
     state_io.save_residual(ctx.state, residual)
     state_io.bump_rounds(ctx.state)
-    state_io.save_to_disk(ctx)
+    state_io.save_to_disk(ctx, residual.numel())
     return before
 
 
@@ -204,12 +258,27 @@ def test_restarted_node_restores_residual_and_rounds(tmp_path, node_config):
     assert int(restarted.state[state_io.COUNTERS_RECORD][state_io.ROUNDS_KEY]) == 3
 
 
+def test_other_client_state_is_restored_too(tmp_path):
+    ctx = context(tmp_path, **{"partition-id": 0})
+    ctx.state[baselines.ADAM_RECORD] = ArrayRecord(
+        {
+            "m": Array(np.ones(5, np.float32)),
+            "v": Array(np.full(5, 2, np.float32)),
+            "step": Array(np.array([4])),
+        }
+    )
+    train_round(ctx, torch.ones(5))
+    restarted = context(tmp_path, node_id=12, **{"partition-id": 0})
+    assert state_io.restore_from_disk(restarted, 5)
+    rec = restarted.state[baselines.ADAM_RECORD]
+    assert np.array_equal(rec["v"].numpy(), np.full(5, 2, np.float32)) and int(rec["step"].numpy()[0]) == 4
+
+
 def test_state_in_memory_wins_over_the_file(tmp_path):
     ctx = context(tmp_path, **{"partition-id": 0})
     train_round(ctx, torch.ones(4))
-    persist.write_state(
-        state_io.state_file(ctx), PersistedState(RUN, 1, "partition-0", 7, np.zeros(4, np.float32))
-    )
+    other = PersistedState(RUN, 1, "partition-0", 7, 4, {"ef": {"residual": np.zeros(4, np.float32)}})
+    persist.write_state(state_io.state_file(ctx), other)
     assert not state_io.restore_from_disk(ctx, 4)
     assert torch.equal(state_io.load_residual(ctx.state, 4, torch.device("cpu")), torch.ones(4))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -278,3 +280,61 @@ def certs(tmp_path_factory) -> Path:
         ["bash", str(ROOT / "scripts" / "make_certs.sh"), str(out)], check=True, capture_output=True
     )
     return out
+
+
+def _procs_naming(text: str) -> list[int]:
+    """PIDs whose command line contains ``text``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head(tmp_path) -> Iterator[str]:
+    """A one-machine Ray cluster with 2 CPUs and 1 declared GPU; yields its address ``127.0.0.1:<port>``.
+
+    Started with ``ray start --head --block`` in its own session and stopped by its process group, then by PID
+    for anything whose command line names the head's private temp dir; never with ``ray stop``, which stops every
+    Ray instance of the user on the machine, including ones the tests did not start.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    port = free_port()
+    args = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=1",  # a declared (logical) GPU, so the test can check that clients request GPUs from Ray
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--block",
+    ]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    head = Proc("ray-head", args, tmp_path / "ray-head.log", env, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in head.text():
+            if not head.running() or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start:\n{head.text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.stop(grace=20)
+        for pid in _procs_naming(str(temp)):  # anything of this head's session that outlived its group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,12 @@ import pytest
 import torch
 
 from clients import persist
+from fl_compams.config import parse_config
 from simulations.results import read_metrics
 from simulations.runner import run_experiment
+from simulations.task import client_data
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROUNDS = 3
@@ -70,19 +76,19 @@ def simulation(tmp_path_factory) -> list[dict]:
     return read_metrics(path)
 
 
-def compare_bytes(dep_rows: list[dict], sim_rows: list[dict]) -> list[tuple]:
+def assert_bytes_match(dep_rows: list[dict], sim_rows: list[dict]) -> None:
+    """Per client and round, the measured bytes of the deployment equal the simulation's, to the byte."""
     dep, sim = visits_by_examples(dep_rows), visits_by_examples(sim_rows)
     assert sorted(dep) == sorted(sim)
-    pairs = []
     for n in sim:
         for (r1, _, s), (r2, _, d) in zip(sim[n], dep[n], strict=True):
-            pairs.append(
-                (n, r1, r2, s["payload_bytes"], d["payload_bytes"], s["uplink_bytes"], d["uplink_bytes"])
-            )
-    print("num_examples, sim round, dep round, sim payload, dep payload, sim uplink, dep uplink")
-    for p in pairs:
-        print(p)
-    return pairs
+            assert r1 == r2
+            for key in ("payload_bytes", "uplink_bytes", "downlink_bytes"):
+                assert d[key] == s[key], (n, r1, key, d[key], s[key])
+    print(
+        "bytes per client and round (deployment == simulation):",
+        {k: sim[n][0][2][k] for k in ("payload_bytes", "uplink_bytes", "downlink_bytes")},
+    )
 
 
 def test_insecure_deployment_partitions_state_dir_and_bytes_match_simulation(
@@ -106,15 +112,135 @@ def test_insecure_deployment_partitions_state_dir_and_bytes_match_simulation(
         assert_residual_chain(v)
     # The residual each node mirrored to its state-dir is the one it holds after the last round.
     run_id = int(run["run-id"])
+    data = parse_config(SETTINGS).data
     for i, state_dir in state_dirs.items():
+        key = f"partition-{i}"
         saved = persist.read_state(
-            persist.state_path(state_dir, run_id, f"partition-{i}"),
-            run_id=run_id,
-            node_key=f"partition-{i}",
-            dim=None,
+            persist.state_path(state_dir, run_id, key), run_id=run_id, node_key=key, dim=None
         )
+        n = client_data(data, i, 2, SETTINGS["seed"], torch.device("cpu"))[1].numel()
         assert saved is not None and saved.rounds == ROUNDS
-        norms = [v[-1][2]["residual_norm"] for v in visits.values()]
-        assert float(torch.from_numpy(saved.residual).norm()) in norms
+        assert (
+            float(torch.from_numpy(saved.arrays["ef"]["residual"]).norm())
+            == visits[n][-1][2]["residual_norm"]
+        )
     print(run["network-traffic"])
-    compare_bytes(rows, simulation)
+    assert_bytes_match(rows, simulation)
+    # Same partitions, same seeds, same code: the deployment trains the model the simulation trains.
+    for d, s in zip(rows, simulation, strict=True):
+        print(
+            "round",
+            d["round"],
+            "loss dep - sim:",
+            d["loss"] - s["loss"],
+            "accuracy",
+            d["accuracy"],
+            s["accuracy"],
+        )
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5) and d["accuracy"] == s["accuracy"]
+
+
+def export_partitions(out: Path) -> dict[int, Path]:
+    """Partitions 0 and 1 of the simulation's split as .npz data files, written by the documented script."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export_npz.py"),
+            str(out),
+            "--num-partitions",
+            "2",
+            "--run-config",
+            "seed=0",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return {i: out / f"partition-{i}.npz" for i in range(2)}
+
+
+def test_tls_deployment_with_node_data_files_and_a_bad_node(deployment, tmp_path, certs, simulation):
+    dep = deployment(certs)
+    with pytest.raises(OSError):  # the SuperLink speaks only TLS
+        urllib.request.urlopen(f"http://127.0.0.1:{dep.port}/health", timeout=5)
+    files = export_partitions(tmp_path / "data")
+    bad = tmp_path / "data" / "wrong-shape.npz"
+    np.savez(bad, x=np.zeros((5, 1, 28, 28), np.float32), y=np.zeros(5, np.int64))
+    for i, path in files.items():
+        dep.start_supernode(
+            f"edge-{i}", f"data-file='{path}' node-name='edge-{i}' state-dir='{tmp_path / 'state'}'"
+        )
+    dep.start_supernode("edge-bad", f"data-file='{bad}' node-name='edge-bad'")
+    started = time.monotonic()
+    run = finish(dep, dep.start_run(run_config(tmp_path / "runs", "tls", **{"num-server-rounds": 2})))
+    print(f"deployment run: {time.monotonic() - started:.1f} s")
+    assert run["status"] == "finished:completed", dep.diagnostics()
+    rows = read_metrics(tmp_path / "runs" / "tls")
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["clients_ok"] == 2 and r["clients_failed"] == 1  # the round went on without the bad node
+        (reason,) = r["failures"].values()
+        assert "LocalDataError" in reason and str(bad) in reason and "expected N x 1 x 8 x 8" in reason, (
+            reason
+        )
+    visits = visits_by_examples(rows)
+    assert sorted(visits) == [587, 851]  # the sizes of the two exported partitions
+    for v in visits.values():
+        assert_residual_chain(v)
+    run_id = int(run["run-id"])
+    for i in range(2):
+        assert persist.state_path(tmp_path / "state", run_id, f"node-edge-{i}").is_file()
+    assert_bytes_match(rows, simulation[:3])
+
+
+def wait_for_round(run_dir: Path, server_round: int, run_proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(
+            r["round"] >= server_round for r in read_metrics(run_dir)
+        ):
+            return
+        if not run_proc.running():
+            raise RuntimeError("flwr run ended before round {server_round}")
+        time.sleep(0.2)
+    raise TimeoutError(f"round {server_round} did not finish in {timeout} s")
+
+
+def test_supernode_restart_mid_run_restores_the_saved_residual(deployment, tmp_path):
+    dep = deployment()
+    state_dir = tmp_path / "state"  # one state-dir for both nodes: files are keyed by partition
+    config = {i: f"partition-id={i} num-partitions=2 state-dir='{state_dir}'" for i in range(2)}
+    dep.start_supernode("p0", config[0])
+    old_id = dep.start_supernode("p1", config[1])
+    run_dir = tmp_path / "runs" / "restart"
+    started = time.monotonic()
+    run_proc = dep.start_run(run_config(tmp_path / "runs", "restart"))
+    wait_for_round(run_dir, 1, run_proc)
+    t0 = time.monotonic()
+    dep.stop_supernode("p1")  # SIGTERM to its process group: the SuperNode and its ClientApp processes
+    print(f"stopped p1 in {time.monotonic() - t0:.1f} s")
+    run_id = int(dep.runs()[0]["run-id"])
+    saved = persist.read_state(
+        persist.state_path(state_dir, run_id, "partition-1"), run_id=run_id, node_key="partition-1", dim=None
+    )
+    new_id = dep.start_supernode("p1", config[1])
+    assert new_id != old_id  # Flower gives a restarted SuperNode a new node id
+    run = finish(dep, run_proc)
+    print(f"deployment run with restart: {time.monotonic() - started:.1f} s")
+    assert run["status"] == "finished:completed", dep.diagnostics()
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    for r in rows[1:]:
+        print(r["round"], r["clients_ok"], r["clients_failed"], r.get("failures"))
+    visits = visits_by_examples(rows)
+    assert_residual_chain(visits[851])  # partition 0 was never interrupted: rounds 1, 2, 3
+    p1 = visits[587]
+    before, after = [v for v in p1 if v[0] <= 1], [v for v in p1 if v[0] > 1]
+    assert [c["state_rounds"] for _, _, c in before] == [1]
+    assert saved is not None and saved.rounds == 1  # what the node wrote in round 1, before it was stopped
+    saved_norm = float(torch.from_numpy(saved.arrays["ef"]["residual"]).norm())
+    assert saved_norm == before[-1][2]["residual_norm"]
+    assert after, "the restarted SuperNode never trained"
+    first = after[0][2]
+    assert first["state_rounds"] == 2  # the counter continued from the file
+    assert first["residual_norm_in"] == saved_norm  # and so did the residual
+    assert_residual_chain(p1)
