@@ -108,7 +108,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
                 rows,
                 [
                     ("method", "method", None),
-                    ("accuracy_at_budget_mean", "accuracy at budget (%)", mean_std(1, scale=100)),
+                    ("accuracy_at_budget", "accuracy at budget (%)", mean_std(1, scale=100)),
                     ("round_at_budget_mean", "rounds within budget", ".1f"),
                     ("uplink_bytes_per_client", "uplink bytes / client / round", ",.0f"),
                 ],
@@ -192,10 +192,10 @@ def _speedup(rows: list[dict], meta: dict) -> list[str]:
             table,
             [
                 ("n", "clients", None),
-                ("rounds_to_train_loss_mean", "rounds to target", reached("seeds_reached_train_loss", 1)),
+                ("rounds_to_train_loss", "rounds to target", reached("seeds_reached_train_loss", 1)),
                 ("speedup", "speedup vs n = 1", ".2f"),
                 ("paper", "paper (MNIST) iterations", None),
-                ("final_accuracy_mean", "final accuracy (%)", mean_std(1, scale=100)),
+                ("final_accuracy", "final accuracy (%)", mean_std(1, scale=100)),
             ],
         ),
     ]
@@ -250,7 +250,7 @@ def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]
                 ("label", "method", None),
                 ("setting", "split", None),
                 ("sigma_g2", "measured sigma_g^2", ".3g"),
-                ("final_accuracy_mean", "final accuracy (%)", mean_std(1, scale=100)),
+                ("final_accuracy", "final accuracy (%)", mean_std(1, scale=100)),
                 (
                     "gap",
                     "gap (points)",
