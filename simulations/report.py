@@ -81,21 +81,20 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         "",
     ]
     plots: list[tuple[str, Path]] = []
+
+    def curve(heading: str, file: str, y: str, title: str, x: str = "round", **kwargs) -> None:
+        plots.append((heading, plot_curves(sweep, x=x, y=y, out_path=out / file, title=title, **kwargs)))
+
+    loss_title = f"train loss (mean of last {window} rounds)"
+    loss_style = {"ylabel": "training loss", "logy": True}
     if preset == "speedup":
         lines += _speedup(rows, meta)
-        plots.append(
-            (
-                "Training loss per round",
-                plot_curves(
-                    sweep,
-                    x="round",
-                    y="train_loss_smooth",
-                    out_path=out / "train_loss.png",
-                    title=f"Top-k 0.01 + EF: train loss (mean of last {window} rounds)",
-                    ylabel="training loss",
-                    logy=True,
-                ),
-            )
+        curve(
+            "Training loss per round",
+            "train_loss.png",
+            "train_loss_smooth",
+            f"Top-k 0.01 + EF: {loss_title}",
+            **loss_style,
         )
     elif preset == "heterogeneity":
         lines += _heterogeneity(sweep, rows, out, plots)
@@ -116,44 +115,21 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         ]
     else:
         lines.append(to_markdown(rows, default_columns(rows)))
-        plots.append(
-            (
-                "Test accuracy per round",
-                plot_curves(
-                    sweep,
-                    x="round",
-                    y="accuracy",
-                    out_path=out / "accuracy_vs_round.png",
-                    title=f"{preset}: test accuracy",
-                ),
-            )
-        )
-        plots.append(
-            (
-                "Training loss per round",
-                plot_curves(
-                    sweep,
-                    x="round",
-                    y="train_loss_smooth",
-                    out_path=out / "train_loss_vs_round.png",
-                    title=f"{preset}: train loss (mean of last {window} rounds)",
-                    ylabel="training loss",
-                    logy=True,
-                ),
-            )
+        curve("Test accuracy per round", "accuracy_vs_round.png", "accuracy", f"{preset}: test accuracy")
+        curve(
+            "Training loss per round",
+            "train_loss_vs_round.png",
+            "train_loss_smooth",
+            f"{preset}: {loss_title}",
+            **loss_style,
         )
         if preset != "ef-ablation":
-            plots.append(
-                (
-                    "Test accuracy against cumulative uplink bytes",
-                    plot_curves(
-                        sweep,
-                        x="uplink_bytes_cum",
-                        y="accuracy",
-                        out_path=out / "accuracy_vs_uplink_bytes.png",
-                        title=f"{preset}: accuracy vs bytes sent",
-                    ),
-                )
+            curve(
+                "Test accuracy against cumulative uplink bytes",
+                "accuracy_vs_uplink_bytes.png",
+                "accuracy",
+                f"{preset}: accuracy vs bytes sent",
+                x="uplink_bytes_cum",
             )
     lines.append("")
     for title, path in plots:
