@@ -78,11 +78,12 @@ def plan_runs(
         base["num-server-rounds"] = rounds
     axes = preset.get("axis") or [{"label": ""}]
     runs = []
-    for method, method_overrides in preset.get("methods", {}).items():
-        for axis in axes:
-            axis_overrides = {k: v for k, v in axis.items() if k != "label"}
-            key = f"{method}/{axis['label']}" if axis["label"] else method
-            for seed in seeds if seeds is not None else meta.get("seeds", [0]):
+    # Seed-major order: an interrupted sweep leaves every method and setting with the same number of seeds.
+    for seed in seeds if seeds is not None else meta.get("seeds", [0]):
+        for method, method_overrides in preset.get("methods", {}).items():
+            for axis in axes:
+                axis_overrides = {k: v for k, v in axis.items() if k != "label"}
+                key = f"{method}/{axis['label']}" if axis["label"] else method
                 overrides = {**base, **method_overrides, **axis_overrides, "seed": seed}
                 n = int(overrides.pop("num-supernodes", meta.get("num-supernodes", 10)))
                 run_dir = out / dataset / name / key / f"seed-{seed}"
