@@ -22,6 +22,7 @@ BASELINES = {
         "server-lr": 0.01,
         "eps": 1e-3,
     },
+    "mvss": {"compressor": "mvss", "mvss-density": 0.01, "error-feedback": False},
     "sgdm-topk": {"compressor": "topk", "server-opt": "sgd", "server-momentum": 0.9, "server-lr": 0.1},
 }
 
@@ -40,5 +41,12 @@ def test_baseline_runs_learn_and_measure_bytes(tmp_path, name):
     assert last["uplink_bytes_per_client"] > 0 and last["uplink_theory_bits"] > 0
     if name.startswith("flower"):  # dense models both ways
         assert last["uplink_bytes_per_client"] > 4 * 151_306
+    if (
+        name == "mvss"
+    ):  # unbiased random sparsification: about 1 % of the coordinates, a random count each time
+        sizes = {c["payload_bytes"] for r in rows[1:] for c in r["clients"].values()}
+        assert len(sizes) > 1
+        assert all(abs(size - 0.01 * 151_306 * 8) < 0.2 * 0.01 * 151_306 * 8 for size in sizes)
+        assert all(r["clients"][k]["residual_norm"] == 0.0 for r in rows[1:] for k in r["clients"])  # no EF
     if name == "qadam":  # 1 bit per coordinate plus scales
         assert last["uplink_bytes_per_client"] < 151_306 / 8 + 2000
