@@ -41,7 +41,12 @@ def local_adam_step(state: RecordDict, gradient: torch.Tensor, adam: LocalAdam) 
 
 
 def dense_model_reply(
-    msg: Message, spec: ParamSpec, theta0: torch.Tensor, update: torch.Tensor, lr_times_steps: float, metrics: dict
+    msg: Message,
+    spec: ParamSpec,
+    theta0: torch.Tensor,
+    update: torch.Tensor,
+    lr_times_steps: float,
+    metrics: dict,
 ) -> Message:
     """Reply with the locally trained model ``theta0 - lr * H * u`` (u = the average local gradient)."""
     trained = unflatten((theta0 - lr_times_steps * update).cpu(), spec)

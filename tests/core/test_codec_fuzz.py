@@ -119,7 +119,9 @@ def test_mutation_fuzz_every_kind():
         accepted += check(data)
     CASES["mutated"] += n
     CASES["mutated_accepted"] += accepted
-    assert accepted > 1000  # the mutations also reach the deep paths (values, scales, indices that still parse)
+    assert (
+        accepted > 1000
+    )  # the mutations also reach the deep paths (values, scales, indices that still parse)
     assert time.perf_counter() - start < 120
 
 
