@@ -16,3 +16,10 @@ def np_rng():
 
 def cuda_devices():
     return ["cuda"] if torch.cuda.is_available() else []
+
+
+# Property tests draw a fixed sequence of examples: CI sees exactly what a local run saw (no flaky draws).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("fl-compams", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("fl-compams")
