@@ -165,21 +165,27 @@ def _blocksign_decode_numpy(
 ) -> np.ndarray:
     """``sign_B * scale_B`` per block, whole bytes of signs at a time.
 
-    A 256 x 8 table of ``+-scale_B`` maps each whole byte of the block's signs to its 8 values in one gather;
-    the at most 7 coordinates at each end of a block that share a byte with a neighbour are done bit by bit.
+    Each whole byte of signs goes to the block holding its first bit, where a 256 x 8 table of ``+-scale_B``
+    maps it to its 8 values in one gather. The few coordinates that sit in a byte started by an earlier block
+    (at most 7 per block boundary) and those of a final partial byte are then rewritten with their own
+    block's scale, all in one vectorised step.
     """
     out = np.empty(dim, dtype=scales.dtype)
+    ends = np.cumsum(np.asarray(block_sizes, dtype=np.int64))
+    n_whole = dim // 8
     offset = 0
-    for size, s in zip(block_sizes, scales, strict=True):
-        end = offset + size
-        lo = min(-(-offset // 8) * 8, end)  # first coordinate of the block's first whole byte
-        hi = max(end // 8 * 8, lo)  # end of its last whole byte
-        for a, b in ((offset, lo), (hi, end)):
-            if b > a:
-                bits = np.unpackbits(signs[a // 8 : (b + 7) // 8])[a % 8 : a % 8 + b - a]
-                out[a:b] = np.where(bits.view(np.bool_), s, -s)
+    for end, s in zip(ends.tolist(), scales, strict=True):
+        lo, hi = -(-offset // 8), min(-(-end // 8), n_whole)  # bytes starting in [offset, end)
         if hi > lo:
             table = np.where(_BYTE_BITS, s, -s).astype(out.dtype, copy=False)
-            np.take(table, signs[lo // 8 : hi // 8], axis=0, out=out[lo:hi].reshape(-1, 8), mode="clip")
+            np.take(table, signs[lo:hi], axis=0, out=out[8 * lo : 8 * hi].reshape(-1, 8), mode="clip")
         offset = end
+    cuts = ends[:-1][ends[:-1] % 8 != 0]  # block starts inside a byte
+    fix = cuts[:, None] + np.arange(8)
+    fix = fix[(fix <= (cuts[:, None] | 7)) & (fix < dim)]  # from the cut to the end of its byte
+    fix = np.concatenate((fix, np.arange(8 * n_whole, dim)))
+    if fix.size:
+        block = np.searchsorted(ends, fix, side="right")
+        bit = (signs[fix >> 3] >> (7 - (fix & 7))) & 1
+        out[fix] = np.where(bit.astype(np.bool_), scales[block], -scales[block])
     return out
