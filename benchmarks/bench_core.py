@@ -13,8 +13,10 @@ For every dimension d and compressor this times, on the CPU (float32 vectors):
 and reports the median time, the bandwidth ``4 d bytes / time`` (the float32 vector processed) and the ratio
 ``t_copy / t_op`` to ``dst.copy_(x)`` into a preallocated tensor, measured in the same run with the same
 interleaved repetitions. For ``aggregate`` the ratio is ``t_copy / t_all_10`` (one copy of one vector against
-all 10 payloads), which is conservative. ``torch.topk`` (``torch.topk(x.abs(), k, sorted=False)``) is timed
-as a reference point for exact Top-k 1%.
+all 10 payloads), which is conservative. References, not library code: ``torch.topk`` (``torch.topk(x.abs(), k,
+sorted=False)``) for exact Top-k 1%, ``torch.zeros(d)`` (the accumulator ``weighted_mean`` allocates) and the
+Top-k sum into a reused accumulator. Medians are the verdict; the fastest repetition is printed as a noise check,
+and so is the CPU that other processes used during the run (torch's 2-thread ops stall on a busy 2-core machine).
 
 Run ``python benchmarks/bench_core.py`` (all four sizes) or ``--quick`` (1e5 and 1e6, a smoke run).
 """
