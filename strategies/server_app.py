@@ -108,7 +108,7 @@ def run_server(
         row: dict[str, Any] = {"round": rnd, "accuracy": acc, "loss": loss}
         row.update(_traffic_row(traffic.get(rnd), totals))
         if cfg.output.probe_every and rnd and rnd % cfg.output.probe_every == 0:
-            row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout))
+            row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout, labels))
             totals["probe"] += row["probe_bytes"]
         row["probe_bytes_cum"] = totals["probe"]
         row["wall_s"] = round(time.perf_counter() - started, 3)
@@ -338,7 +338,11 @@ def _traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[s
 
 
 def probe_heterogeneity(
-    grid: Grid, arrays: ArrayRecord, client_config: ConfigRecord, timeout: float
+    grid: Grid,
+    arrays: ArrayRecord,
+    client_config: ConfigRecord,
+    timeout: float,
+    labels: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Ask every node for its full local gradient at the current model; report sigma_g^2 and sigma^2.
 
@@ -353,7 +357,12 @@ def probe_heterogeneity(
     ]
     probe_bytes = wire_bytes(content) * len(messages)
     grads, variances = [], []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    labels = labels or {}
+    replies = sorted(  # a fixed summation order, whatever order the replies arrive in
+        grid.send_and_receive(messages, timeout=timeout),
+        key=lambda r: label_sort_key(labels.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")),
+    )
+    for reply in replies:
         if reply.has_error():
             log.warning("probe: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
