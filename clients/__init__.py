@@ -1,1 +1,1 @@
-"""Client side of the Flower app: the COMP-AMS ClientApp, local training and client state."""
+"""Client side of the Flower app: the COMP-AMS ClientApp and client state I/O."""

@@ -5,7 +5,7 @@ the received model (H local steps; H = 1 is one minibatch gradient); ``payload =
 ``e' = u + e - decode(payload)``; store e'; reply with the payload's wire bytes and metrics.
 
 Data: a partition of the central data set (node config ``partition-id``, ``num-partitions``) or the node's own
-``.npz`` file (``data-file``), see :mod:`clients.local_data`. State: ``context.state``, mirrored to node-local disk
+``.npz`` file (``data-file``), see :mod:`tasks.local_data`. State: ``context.state``, mirrored to node-local disk
 when the node config sets ``state-dir`` so that it survives a SuperNode restart, see :mod:`clients.state_io`.
 """
 
@@ -16,14 +16,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients import baselines, state_io
-from clients.local_data import node_data
-from clients.training import evaluate, full_gradient, local_update
 from fl_compams import protocol
 from fl_compams.codec import to_bytes
 from fl_compams.config import ExperimentConfig, build_client_optimizer, build_compressor, parse_config
 from fl_compams.error_feedback import ef_step
 from fl_compams.flat import ParamSpec, flatten
-from simulations.task import model_for_task, resolve_device, task_shape
+from tasks.local_data import node_data
+from tasks.task import model_for_task, resolve_device, task_shape
+from tasks.training import evaluate, full_gradient, local_update
 
 app = ClientApp()
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import persist
+from fl_compams import nodes
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +49,14 @@ def bump_rounds(state: RecordDict) -> int:
     return rounds
 
 
-def node_key(node_config, node_id: int) -> str:
-    """The key a node's state file is stored under: ``partition-<id>``, else ``node-<node-name>``, else ``node-<id>``.
-
-    Flower gives a SuperNode a new random node id every time it starts, so only ``partition-id`` or
-    ``node-name`` (node-config keys) find the state again after a restart.
-    """
-    if "partition-id" in node_config:
-        return f"partition-{int(node_config['partition-id'])}"
-    name = str(node_config.get("node-name", ""))
-    return f"node-{name}" if name else f"node-{node_id}"
-
-
 def state_file(context: Context) -> Path | None:
     """Where this node's state is mirrored, or ``None`` when the node config sets no ``state-dir``."""
     state_dir = context.node_config.get(STATE_DIR_KEY)
     if not state_dir:
         return None
-    return persist.state_path(str(state_dir), context.run_id, node_key(context.node_config, context.node_id))
+    return persist.state_path(
+        str(state_dir), context.run_id, nodes.label_of_config(context.node_config, context.node_id)
+    )
 
 
 def restore_from_disk(context: Context, dim: int) -> bool:
@@ -77,7 +68,7 @@ def restore_from_disk(context: Context, dim: int) -> bool:
     path = state_file(context)
     if path is None or COUNTERS_RECORD in context.state:
         return False
-    key = node_key(context.node_config, context.node_id)
+    key = nodes.label_of_config(context.node_config, context.node_id)
     saved = persist.read_state(path, run_id=context.run_id, node_key=key, dim=dim)
     if saved is None:
         return False
@@ -100,7 +91,7 @@ def save_to_disk(context: Context, dim: int) -> None:
     path = state_file(context)
     if path is None:
         return
-    key = node_key(context.node_config, context.node_id)
+    key = nodes.label_of_config(context.node_config, context.node_id)
     if key == f"node-{context.node_id}":
         log.warning(
             "state-dir is set but the node config has neither partition-id nor node-name: the state file is "

@@ -39,7 +39,7 @@ __all__ = [
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
-PARTITIONERS = ("dirichlet", "iid", "full")  # simulations.partition implements them
+PARTITIONERS = ("dirichlet", "iid", "full")  # tasks.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = ("compams", "flower-fedavg", "flower-fedadam")
 

@@ -76,13 +76,6 @@ CLIENT_KEYS: tuple[str, ...] = tuple(
 )
 
 
-def node_label(partition_id: int, node_name: str, node_id: int) -> str:
-    """Stable name of a node in results: ``partition-<id>``, else ``node-<name>``, else ``node-<node id>``."""
-    if partition_id >= 0:
-        return f"partition-{partition_id}"
-    return f"node-{node_name}" if node_name else f"node-{node_id}"
-
-
 def derive_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed from the run seed and integers such as (partition id, round): splitmix64 mixing."""
     h = seed & 0xFFFFFFFFFFFFFFFF

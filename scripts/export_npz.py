@@ -5,7 +5,7 @@
 Writes ``OUT_DIR/partition-<i>.npz`` with ``x`` (float32, N x C x H x W, preprocessed like the data set) and ``y``
 (int64), the exact examples the simulation gives partition ``i`` for that run config, so a deployment whose
 SuperNodes read these files trains on the same data as a simulation. It is also a template for preparing a
-node's own data in the format ``clients.local_data`` reads.
+node's own data in the format ``tasks.local_data`` reads.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flwr.common.config import parse_config_args
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fl_compams.config import parse_config
-from simulations.task import client_data
+from tasks.task import client_data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,1 @@
-"""Experiments: data sets, partitioning, models, the in-process runner and result files."""
+"""Experiments on top of both apps: the in-process runner (Ray), sweeps, presets, the CLI and reports."""

@@ -30,8 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from PIL import Image
 
-from simulations.results import read_metrics
 from simulations.tables import _AXIS_DIR, parse_key
+from strategies.results import read_metrics
 
 __all__ = [
     "LINESTYLES",

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from simulations.results import read_metrics
+from strategies.results import read_metrics
 
 
 def summary(run_dir: Path) -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 import tomllib
 
 from fl_compams.config import parse_config
-from simulations.results import read_metrics
+from strategies.results import read_metrics
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 

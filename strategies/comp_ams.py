@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ from fl_compams.compressors import Compressor
 from fl_compams.config import ExperimentConfig
 from fl_compams.errors import PayloadError
 from fl_compams.flat import ParamSpec, unflatten
+from fl_compams.nodes import label_sort_key
 from fl_compams.payloads import Payload
 from fl_compams.server import ServerState, apply_round
 from fl_compams.server_opt import ServerOptimizer
@@ -274,8 +274,3 @@ class CompAMS(FedAvg):
                 "train-loss": float(traffic.train_loss),
             }
         )
-
-
-def label_sort_key(label: str) -> list:
-    """Sort "partition-2" before "partition-10"."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]

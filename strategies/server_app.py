@@ -21,18 +21,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from clients.training import evaluate
 from fl_compams import protocol
 from fl_compams.checkpoint import latest_checkpoint, save_checkpoint
 from fl_compams.config import build_compressor, build_server_optimizer, parse_config
 from fl_compams.errors import ConfigError
 from fl_compams.flat import ParamSpec, flatten, unflatten
+from fl_compams.nodes import label_sort_key, node_label
 from fl_compams.server import init_server_state
-from simulations.partition import partition_stats
-from simulations.results import ResultsDir, resolve_run_dir
-from simulations.task import load_data, make_model, partitions, resolve_device
-from strategies.comp_ams import CompAMS, RoundTraffic, label_sort_key
+from strategies.comp_ams import CompAMS, RoundTraffic
+from strategies.results import ResultsDir, resolve_run_dir
 from strategies.wire import wire_bytes
+from tasks.partition import partition_stats
+from tasks.task import load_data, make_model, partitions, resolve_device
+from tasks.training import evaluate
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -294,9 +295,7 @@ def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dic
             )
             continue
         info = reply.content[protocol.NODE_INFO]
-        labels[node] = protocol.node_label(
-            int(info[protocol.PARTITION_ID]), str(info[protocol.NODE_NAME]), node
-        )
+        labels[node] = node_label(int(info[protocol.PARTITION_ID]), str(info[protocol.NODE_NAME]), node)
     return labels
 
 

@@ -19,6 +19,7 @@ from clients.persist import (
     read_state,
     write_state,
 )
+from fl_compams.nodes import label_of_config
 
 RUN, NODE, KEY, DIM = 2**63 + 12345, 2**64 - 7, "partition-1", 1000
 HEADER = struct.Struct("<8sHHQQQQHH")
@@ -314,6 +315,6 @@ def test_unwritable_state_dir_warns_and_keeps_training(tmp_path):
 
 
 def test_node_key_precedence():
-    assert state_io.node_key({"partition-id": 3, "node-name": "a"}, 9) == "partition-3"
-    assert state_io.node_key({"node-name": "a"}, 9) == "node-a"
-    assert state_io.node_key({}, 9) == "node-9"
+    assert label_of_config({"partition-id": 3, "node-name": "a"}, 9) == "partition-3"
+    assert label_of_config({"node-name": "a"}, 9) == "node-a"
+    assert label_of_config({}, 9) == "node-9"

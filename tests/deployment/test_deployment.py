@@ -22,9 +22,9 @@ import torch
 
 from clients import persist
 from fl_compams.config import parse_config
-from simulations.results import read_metrics
 from simulations.runner import run_experiment
-from simulations.task import client_data
+from strategies.results import read_metrics
+from tasks.task import client_data
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import ray
 
-from simulations.results import read_metrics
 from simulations.runner import run_experiment
+from strategies.results import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

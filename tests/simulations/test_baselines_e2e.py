@@ -2,8 +2,8 @@
 
 import pytest
 
-from simulations.results import read_metrics
 from simulations.runner import run_experiment
+from strategies.results import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

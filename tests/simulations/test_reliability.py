@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from simulations.results import load_model, read_metrics
 from simulations.runner import run_experiment
+from strategies.results import load_model, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fl_compams import AMSGrad, ConfigError, ParamSpec, flatten, parse_config, unflatten
-from simulations.results import load_model, read_metrics
 from simulations.runner import run_experiment
-from simulations.task import load_data, make_model
+from strategies.results import load_model, read_metrics
+from tasks.task import load_data, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)

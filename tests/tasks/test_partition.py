@@ -1,11 +1,11 @@
-"""Tests for simulations.partition: disjoint, covering, seeded splits and their statistics."""
+"""Tests for tasks.partition: disjoint, covering, seeded splits and their statistics."""
 
 import json
 
 import numpy as np
 import pytest
 
-from simulations.partition import PARTITIONERS, partition_indices, partition_stats
+from tasks.partition import PARTITIONERS, partition_indices, partition_stats
 
 N_PER_CLASS = 140
 NUM_CLASSES = 10

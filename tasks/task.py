@@ -4,7 +4,7 @@ Data sets and partitions are immutable and cached per process (Ray reuses worker
 clients, so each is loaded once rather than once per message). Nothing mutable is cached: client state lives in
 Flower's ``context.state`` only.
 
-A client that trains on its own data file (``clients.local_data``) needs only the task's shape to build the model:
+A client that trains on its own data file (``tasks.local_data``) needs only the task's shape to build the model:
 :func:`task_shape` knows it for the built-in data sets without loading them, and the partitioners (which import
 flwr-datasets, about 3 s per deployment ClientApp process) are imported only when a partition is computed.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from fl_compams.config import DataConfig
-from simulations.data import DataBundle, load_dataset
-from simulations.models import build_model, default_model_for
+from tasks.data import DataBundle, load_dataset
+from tasks.models import build_model, default_model_for
 
 __all__ = [
     "TASK_SHAPES",
@@ -49,7 +49,7 @@ def load_data(dataset: str, data_dir: str, download: bool) -> DataBundle:
 
 @functools.lru_cache(maxsize=16)
 def _partitions(data: DataConfig, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
-    from simulations.partition import partition_indices  # imports flwr-datasets: only when needed
+    from tasks.partition import partition_indices  # imports flwr-datasets: only when needed
 
     bundle = load_data(data.dataset, data.data_dir, data.download)
     parts = partition_indices(

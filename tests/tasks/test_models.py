@@ -1,10 +1,10 @@
-"""Tests for simulations.models: shapes, sizes, no buffers, seeded initialisation."""
+"""Tests for tasks.models: shapes, sizes, no buffers, seeded initialisation."""
 
 import pytest
 import torch
 from torch import nn
 
-from simulations.models import available_models, build_model, count_parameters, default_model_for
+from tasks.models import available_models, build_model, count_parameters, default_model_for
 
 NATIVE_SHAPES = {
     "digits-cnn": (1, 8, 8),

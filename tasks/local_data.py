@@ -26,7 +26,6 @@ other nodes.
 from __future__ import annotations
 
 import zipfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl_compams import nodes
 from fl_compams.config import DataConfig
 
-__all__ = ["DATA_FILE_KEY", "LocalDataError", "NodeData", "load_npz", "node_data", "node_seed_id"]
+__all__ = ["DATA_FILE_KEY", "LocalDataError", "NodeData", "load_npz", "node_data"]
 
-DATA_FILE_KEY = "data-file"
-PARTITION_ID_KEY = "partition-id"
+DATA_FILE_KEY = nodes.DATA_FILE_KEY
+PARTITION_ID_KEY = nodes.PARTITION_ID_KEY
 NUM_PARTITIONS_KEY = "num-partitions"
-NODE_NAME_KEY = "node-name"
 
 
 class LocalDataError(ValueError):
@@ -155,17 +154,6 @@ def _check_y(path: Path, y: np.ndarray, num_classes: int, n: int) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def node_seed_id(node_config: Mapping[str, Any]) -> int:
-    """The integer that seeds a node's randomness: its ``partition-id``, else a hash of its name or data file.
-
-    A hash (CRC-32) is stable across processes and restarts, unlike Python's ``hash``.
-    """
-    if PARTITION_ID_KEY in node_config:
-        return int(node_config[PARTITION_ID_KEY])
-    name = str(node_config.get(NODE_NAME_KEY) or node_config.get(DATA_FILE_KEY) or "")
-    return zlib.crc32(name.encode("utf-8"))
-
-
 def node_data(
     data: DataConfig,
     node_config: Mapping[str, Any],
@@ -195,7 +183,7 @@ def node_data(
         If ``data-file`` is set but unusable, or if neither ``data-file`` nor ``partition-id`` and
         ``num-partitions`` are set.
     """
-    seed_id = node_seed_id(node_config)
+    seed_id = nodes.seed_id(node_config)
     data_file = node_config.get(DATA_FILE_KEY)
     if data_file:
         x, y = load_npz(str(data_file), input_shape, num_classes)
@@ -208,7 +196,7 @@ def node_data(
             '(its own data) or "partition-id=<i> num-partitions=<n>" (a partition of the central data set); '
             f"got node config {dict(node_config)}"
         )
-    from simulations.task import client_data  # the partitioners are only imported when needed
+    from tasks.task import client_data  # the partitioners are only imported when needed
 
     pid, n_parts = int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY])
     x, y = client_data(data, pid, n_parts, seed, device)

@@ -1,4 +1,4 @@
-"""Tests for simulations.data: the embedded digits set, and the MNIST / CIFAR-10 file loaders on tiny files."""
+"""Tests for tasks.data: the embedded digits set, and the MNIST / CIFAR-10 file loaders on tiny files."""
 
 import struct
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.data import (
+from tasks.data import (
     CIFAR10_MD5,
     CIFAR10_MEAN,
     CIFAR10_STD,

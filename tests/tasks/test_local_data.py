@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from clients.local_data import LocalDataError, load_npz, node_data, node_seed_id
+from fl_compams import nodes
 from fl_compams.config import parse_config
-from simulations.task import TASK_SHAPES, client_data, load_data, make_model, model_for_task, task_shape
+from tasks.local_data import LocalDataError, load_npz, node_data
+from tasks.task import TASK_SHAPES, client_data, load_data, make_model, model_for_task, task_shape
 
 SHAPE, CLASSES = (1, 8, 8), 10
 CPU = torch.device("cpu")
@@ -107,7 +108,7 @@ def test_node_data_prefers_the_data_file_and_seeds_stably(tmp_path, np_rng):
     data = node_data(cfg.data, {"data-file": str(path), "node-name": "edge-a"}, 0, CPU, SHAPE, CLASSES)
     assert data.x.shape == (7, 1, 8, 8) and data.source == f"file {path}"
     assert (
-        data.seed_id == node_seed_id({"node-name": "edge-a"}) == 2000364439
+        data.seed_id == nodes.seed_id({"node-name": "edge-a"}) == 2000364439
     )  # CRC-32, same in every process
     with_pid = node_data(cfg.data, {"data-file": str(path), "partition-id": 4}, 0, CPU, SHAPE, CLASSES)
     assert with_pid.seed_id == 4
