@@ -1,8 +1,10 @@
-"""The COMP-AMS ClientApp: local update, error feedback, compression, and the payload bytes as the reply.
+"""The COMP-AMS ClientApp: records in, one worker step of :mod:`fl_compams.algorithm`, records out.
 
-Per round (Li, Karimi & Li, Algorithm 2, worker side): restore e from ``context.state``; compute the update u at
-the received model (H local steps; H = 1 is one minibatch gradient); ``payload = C(u + e)``;
-``e' = u + e - decode(payload)``; store e'; reply with the payload's wire bytes and metrics.
+Per round (Li, Karimi & Li, Algorithm 2, worker side): restore the worker state from ``context.state``; apply
+the statuses of earlier replies the instruction carries (``worker_begin``: a lost reply is folded back into e);
+compute the update u at the received model (H local steps; H = 1 is one minibatch gradient);
+``payload = C(u + e)``, ``e' = u + e - decode(payload)`` (``worker_end``); store the state; reply with the
+payload's wire bytes, the round, the acknowledgement and metrics.
 
 Data: a partition of the central data set (node config ``partition-id``, ``num-partitions``) or the node's own
 ``.npz`` file (``data-file``), see :mod:`tasks.local_data`. State: ``context.state``, mirrored to node-local disk
@@ -17,9 +19,8 @@ from flwr.clientapp import ClientApp
 
 from clients import baselines, state_io
 from fl_compams import protocol
-from fl_compams.codec import to_bytes
-from fl_compams.config import ExperimentConfig, build_client_optimizer, build_compressor, parse_config
-from fl_compams.error_feedback import ef_step
+from fl_compams.algorithm import FLOWER_BASELINES, Instruction, worker_begin, worker_end
+from fl_compams.config import ExperimentConfig, build_algorithm, parse_config
 from fl_compams.flat import ParamSpec, flatten
 from tasks.local_data import node_data
 from tasks.task import model_for_task, resolve_device, task_shape
@@ -50,17 +51,53 @@ def _generator(cfg: ExperimentConfig, pid: int, server_round: int, salt: int) ->
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One COMP-AMS worker step."""
+    """One worker round: records in, ``worker_begin`` / local training / ``worker_end``, records out."""
     cfg, device, pid, server_round, x, y, model = _setup(msg, context)
     spec = ParamSpec.from_module(model)
     if spec.buffer_dim:
         raise ValueError(
             "models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet"
         )
+    update, loss = _local_update(cfg, device, pid, server_round, x, y, model)
+    metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
+    if cfg.algorithm in FLOWER_BASELINES:  # Flower's own FedAvg / FedAdam: reply with the trained dense model
+        theta0 = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
+        lr_steps = cfg.train.local_lr * cfg.train.local_steps
+        return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
+    algorithm = build_algorithm(cfg, spec.block_sizes)
     state_io.restore_from_disk(context, spec.dim)  # after a SuperNode restart (node config state-dir)
+    worker = state_io.load_worker_state(context.state, spec.dim, device)
+    instruction = Instruction(server_round, _statuses(msg))
+    worker, begun = worker_begin(algorithm, worker, instruction, dim=spec.dim, device=device)
+    residual_in = float(worker.residual.norm()) if worker.residual is not None else 0.0
+    rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
+    reply, worker = worker_end(algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked)
+    state_io.save_worker_state(context.state, worker)
+    state_io.save_to_disk(context, spec.dim)
+    metrics |= {
+        protocol.RESIDUAL_NORM: float(worker.residual.norm()) if worker.residual is not None else 0.0,
+        protocol.RESIDUAL_NORM_IN: residual_in,
+        protocol.FOLDED_NORM: begun.folded_norm,
+        protocol.REMOVED_NORM: begun.removed_norm,
+        protocol.STATE_ROUNDS: worker.rounds,
+    }
+    record = ConfigRecord(
+        {
+            protocol.PAYLOAD_BYTES: reply.payload,
+            protocol.REPLY_ROUND: reply.round,
+            protocol.ACKED: reply.acked,
+        }
+    )
+    return Message(
+        RecordDict({protocol.PAYLOAD: record, protocol.METRICS: MetricRecord(metrics)}), reply_to=msg
+    )
+
+
+def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x, y, model):
+    """The one local-training loop, with this node's seeded minibatches and dropout masks."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
-        update, loss = local_update(
+        return local_update(
             model,
             x,
             y,
@@ -69,40 +106,13 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=cfg.train.batch_size,
             generator=_generator(cfg, pid, server_round, 0),
         )
-    if cfg.algorithm != "compams":  # Flower's own FedAvg / FedAdam: reply with the trained dense model
-        theta0 = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
-        metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
-        lr_steps = cfg.train.local_lr * cfg.train.local_steps
-        return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
-    client_opt = build_client_optimizer(cfg.train)
-    if client_opt is not None:  # QAdam: send the local Adam step instead of the gradient
-        update = baselines.local_adam_step(context.state, update, client_opt)
-    compressor = build_compressor(cfg.compression, spec.block_sizes)
-    residual = (
-        state_io.load_residual(context.state, spec.dim, device) if cfg.compression.error_feedback else None
-    )
-    rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
-    residual_in = float(residual.norm()) if residual is not None else 0.0
-    payload, residual = ef_step(compressor, update, residual, rng)
-    data = to_bytes(payload)
-    if residual is not None:
-        state_io.save_residual(context.state, residual)
-    rounds = state_io.bump_rounds(context.state)
-    state_io.save_to_disk(context, spec.dim)
-    metrics = {
-        protocol.NUM_EXAMPLES: int(x.shape[0]),
-        protocol.TRAIN_LOSS: float(loss),
-        protocol.RESIDUAL_NORM: float(residual.norm()) if residual is not None else 0.0,
-        protocol.RESIDUAL_NORM_IN: residual_in,
-        protocol.STATE_ROUNDS: rounds,
-    }
-    content = RecordDict(
-        {
-            protocol.PAYLOAD: ConfigRecord({protocol.PAYLOAD_BYTES: data}),
-            protocol.METRICS: MetricRecord(metrics),
-        }
-    )
-    return Message(content, reply_to=msg)
+
+
+def _statuses(msg: Message) -> tuple:
+    """The statuses of this node's earlier replies sent with the instruction (none on first contact)."""
+    if protocol.STATUSES not in msg.content:
+        return ()
+    return protocol.statuses_from_fields(dict(msg.content[protocol.STATUSES]))
 
 
 @app.evaluate()

@@ -1,4 +1,7 @@
-"""Client state in Flower's ``context.state``: the EF residual and how many rounds the state has seen.
+"""Client state in Flower's ``context.state``: the worker state of the algorithm layer, slot by slot.
+
+Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
+arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``) and the rounds counter.
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -18,35 +21,88 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import persist
 from fl_compams import nodes
+from fl_compams.algorithm import Pending, WorkerState
+from fl_compams.client_opt import LocalAdamState
 
 log = logging.getLogger(__name__)
 
 RESIDUAL_RECORD = "ef"
 RESIDUAL_KEY = "residual"
+PENDING_RECORD = "pending"
+ADAM_RECORD = "qadam"
 COUNTERS_RECORD = "counters"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
 
 
-def load_residual(state: RecordDict, dim: int, device: torch.device) -> torch.Tensor:
-    """The stored residual, or zeros (e_1 = 0) on first participation or if the model size changed."""
+def _tensor(arr: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(arr.astype(dtype, copy=True)).to(device)
+
+
+def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> WorkerState:
+    """Read the node's :class:`~fl_compams.algorithm.WorkerState` from ``context.state``.
+
+    Slots are empty on first participation; a residual or moments of another model size are dropped (a new
+    model starts fresh).
+    """
+    residual = pending = local = None
     if RESIDUAL_RECORD in state:
         arr = state[RESIDUAL_RECORD][RESIDUAL_KEY].numpy()
         if arr.shape == (dim,):
-            return torch.from_numpy(arr.astype(np.float32, copy=True)).to(device)
-    return torch.zeros(dim, dtype=torch.float32, device=device)
+            residual = _tensor(arr, np.float32, device)
+    if PENDING_RECORD in state and residual is not None:
+        rec = state[PENDING_RECORD]
+        pending = Pending(int(rec["round"].numpy()[0]), rec["payload"].numpy().astype(np.uint8).tobytes())
+    if ADAM_RECORD in state:
+        rec = state[ADAM_RECORD]
+        m, v = rec["m"].numpy(), rec["v"].numpy()
+        if m.shape == (dim,) and v.shape == (dim,):
+            step = int(rec["step"].numpy()[0])
+            local = LocalAdamState(step, _tensor(m, np.float32, device), _tensor(v, np.float32, device))
+    rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
+    return WorkerState(residual=residual, pending=pending, local_opt=local, rounds=rounds)
 
 
-def save_residual(state: RecordDict, residual: torch.Tensor) -> None:
-    """Store the residual (float32) in the node's state."""
-    state[RESIDUAL_RECORD] = ArrayRecord({RESIDUAL_KEY: Array(residual.detach().cpu().numpy())})
+def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
+    """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
+    as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
+    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD):
+        if record in state:
+            del state[record]
+    if worker.residual is not None:
+        state[RESIDUAL_RECORD] = ArrayRecord({RESIDUAL_KEY: as_array(worker.residual)})
+    if worker.pending is not None:
+        state[PENDING_RECORD] = ArrayRecord(
+            {
+                "round": Array(np.array([worker.pending.round], dtype=np.int64)),
+                "payload": Array(np.frombuffer(worker.pending.payload, dtype=np.uint8).copy()),
+            }
+        )
+    if worker.local_opt is not None:
+        state[ADAM_RECORD] = ArrayRecord(
+            {
+                "m": as_array(worker.local_opt.m),
+                "v": as_array(worker.local_opt.v),
+                "step": Array(np.array([worker.local_opt.step], dtype=np.int64)),
+            }
+        )
+    state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
-def bump_rounds(state: RecordDict) -> int:
-    """Count one more round in this node's state and return the new count."""
-    rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) + 1 if COUNTERS_RECORD in state else 1
-    state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: rounds})
-    return rounds
+def state_bytes(worker: WorkerState) -> dict[str, int]:
+    """Bytes of each slot of a worker's state (design.md section 7, "State size")."""
+    sizes = {
+        "residual": worker.residual.numel() * worker.residual.element_size()
+        if worker.residual is not None
+        else 0,
+        "pending": len(worker.pending.payload) if worker.pending is not None else 0,
+        "local_opt": 0,
+    }
+    if worker.local_opt is not None:
+        sizes["local_opt"] = sum(
+            t.numel() * t.element_size() for t in (worker.local_opt.m, worker.local_opt.v)
+        )
+    return sizes
 
 
 def state_file(context: Context) -> Path | None:

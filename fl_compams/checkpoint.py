@@ -1,7 +1,8 @@
 """Checkpoints of the server's whole state in a versioned binary format (no pickle), written atomically.
 
 Layout: ``magic "CAMSCKPT" | version u16 | header length u32 | header (UTF-8 JSON) | tensor bytes | sha256``.
-The JSON header holds the scalar state (round, optimizer step and kind, run counters, anything the caller adds)
+The JSON header holds the scalar state (round, optimizer step and kind, the statuses clients have not
+acknowledged, run counters, anything the caller adds)
 and a table of tensors (name, dtype, shape, byte offset, byte length); the trailing SHA-256 covers everything
 before it, so a truncated or corrupted file is detected, never half-loaded. Files are written to a temporary
 name and renamed, so a crash mid-write leaves the previous checkpoint intact.
@@ -21,13 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl_compams.algorithm import Outcome, Status
 from fl_compams.server import ServerState
 from fl_compams.server_opt import AdamState, SGDState
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 MAGIC = b"CAMSCKPT"
-VERSION = 1
+#: 2 added the statuses clients have not acknowledged (``unacked``); version 1 files are migrated on load
+#: (they predate acknowledged client state, so no status was outstanding).
+VERSION = 2
+_READABLE = (1, 2)
 _PREFIX = struct.Struct("<8sHI")
 _DIGEST = 32
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
@@ -60,6 +65,10 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
     scalars = {k: v for k, v in state.opt_state._asdict().items() if not isinstance(v, torch.Tensor)}
     header = {
         "round": state.round,
+        "unacked": {
+            label: [[int(st.round), int(st.outcome), float(st.factor)] for st in statuses]
+            for label, statuses in state.unacked.items()
+        },
         "opt_state_type": type(state.opt_state).__name__,
         "opt_scalars": scalars,
         "tensors": table,
@@ -90,8 +99,11 @@ def load_checkpoint(
     magic, version, head_len = _PREFIX.unpack_from(body)
     if magic != MAGIC:
         raise CheckpointError(f"{path}: not a COMP-AMS checkpoint (magic {magic!r})")
-    if version != VERSION:
-        raise CheckpointError(f"{path}: format version {version}, this code reads version {VERSION}")
+    if version not in _READABLE:
+        raise CheckpointError(
+            f"{path}: format version {version}, this code reads versions {list(_READABLE)}; use the fl-compams "
+            "release that wrote it to finish the run"
+        )
     try:
         header = json.loads(body[_PREFIX.size : _PREFIX.size + head_len])
         data = body[_PREFIX.size + head_len :]
@@ -108,7 +120,11 @@ def load_checkpoint(
         opt_cls = _OPT_STATES[header["opt_state_type"]]
         fields = {**header["opt_scalars"], **{k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}}
         opt_state = opt_cls(**fields)
-        state = ServerState(int(header["round"]), tensors["theta"], opt_state)
+        unacked = {
+            str(label): tuple(Status(int(r), Outcome(int(o)), float(f)) for r, o, f in entries)
+            for label, entries in header.get("unacked", {}).items()
+        }
+        state = ServerState(int(header["round"]), tensors["theta"], opt_state, unacked)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as err:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fl_compams.aggregate import WEIGHTINGS
+from fl_compams.algorithm import ALGORITHMS as COMPOSITIONS
+from fl_compams.algorithm import Algorithm, ReplyBound
 from fl_compams.client_opt import LocalAdam
 from fl_compams.compressors import COMPRESSORS, VALUE_DTYPES, Compressor, make_compressor
 from fl_compams.errors import ConfigError
@@ -31,6 +33,7 @@ __all__ = [
     "OutputConfig",
     "ServerConfig",
     "TrainConfig",
+    "build_algorithm",
     "build_compressor",
     "build_server_optimizer",
     "default_config",
@@ -41,7 +44,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
 PARTITIONERS = ("dirichlet", "iid", "full")  # tasks.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
-ALGORITHMS = ("compams", "flower-fedavg", "flower-fedadam")
+ALGORITHMS = tuple(COMPOSITIONS)  # fl_compams.algorithm.ALGORITHMS: the one registry of named compositions
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,8 @@ SCHEMA: tuple[Key, ...] = (
         "algorithm",
         "compams",
         _choice(ALGORITHMS),
-        "compams = this project's strategy (every compressor/optimizer); flower-* = Flower's own strategies",
+        "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm = named compositions "
+        "(fl_compams.algorithm.ALGORITHMS); flower-* = Flower's own strategies",
     ),
     # --- compression and error feedback
     _key("compressor", "topk", _choice(tuple(COMPRESSORS)), "uplink compressor C"),
@@ -300,6 +304,7 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
             close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown config key(s): {', '.join(hints)}; known keys: {sorted(_BY_NAME)}")
+    _apply_composition(mapping)
     values: dict[str, Any] = {}
     for key in SCHEMA:
         value = _coerce(key, mapping.get(key.name, key.default))
@@ -327,16 +332,26 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         raise ConfigError(
             "config key 'client-opt': 'adam' (QAdam) sends one local Adam step; set local-steps = 1"
         )
-    if cfg.algorithm != "compams" and (
-        cfg.compression.compressor != "identity" or cfg.train.client_opt != "none"
-    ):
-        raise ConfigError(
-            f"config key 'algorithm': {cfg.algorithm!r} runs Flower's own strategy on dense models; it takes "
-            "compressor = 'identity' and client-opt = 'none'"
-        )
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
+
+
+def _apply_composition(mapping: dict[str, Any]) -> None:
+    """Fill in the settings a named algorithm fixes; refuse an explicit value that contradicts one.
+
+    A key still at its schema default takes the composition's value (``flwr run`` passes every key, so a default
+    cannot be told from an explicit choice of the same value).
+    """
+    name = mapping.get("algorithm", _BY_NAME["algorithm"].default)
+    for key, value in COMPOSITIONS.get(name, {}).items():
+        given = mapping.get(key, _BY_NAME[key].default)
+        if given != _BY_NAME[key].default and given != value:
+            raise ConfigError(
+                f"config key {key!r}: algorithm {name!r} fixes it to {value!r}, got {given!r}; drop the key, or "
+                "use algorithm = 'compams' and set the parts yourself"
+            )
+        mapping[key] = value
 
 
 def default_config() -> ExperimentConfig:
@@ -380,6 +395,20 @@ def build_client_optimizer(cfg: TrainConfig) -> LocalAdam | None:
         eps=cfg.client_eps,
         eps_inside_sqrt=cfg.client_eps_inside_sqrt,
         bias_correction=cfg.client_bias_correction,
+    )
+
+
+def build_algorithm(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None = None) -> Algorithm:
+    """The configured composition of parts (uplink compressor + EF, local optimizer, bound, server optimizer)."""
+    return Algorithm(
+        name=cfg.algorithm,
+        compressor=build_compressor(cfg.compression, block_sizes),
+        server_opt=build_server_optimizer(cfg.server),
+        error_feedback=cfg.compression.error_feedback,
+        local_opt=build_client_optimizer(cfg.train),
+        weighting=cfg.server.weighting,
+        bound=ReplyBound(cfg.server.max_update_norm, cfg.server.update_norm_action),
+        min_valid_replies=cfg.server.min_valid_replies,
     )
 
 

@@ -5,15 +5,26 @@ Plain strings only (no flwr import), so ``strategies`` and ``clients`` share the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from fl_compams.algorithm import Outcome, Status
 from fl_compams.config import SCHEMA
 
 #: Global model (dense float32 tensors by name) in instructions; Flower's FedAvg default key.
 ARRAYS = "arrays"
 #: Instruction settings (the client part of the run config plus ``server-round``).
 CONFIG = "config"
-#: Reply record holding the compressed update: a ConfigRecord with the wire bytes under PAYLOAD_BYTES.
+#: Reply record holding the compressed update: a ConfigRecord with the wire bytes under PAYLOAD_BYTES, the round
+#: the reply answers under REPLY_ROUND and the highest status round the client applied under ACKED.
 PAYLOAD = "payload"
 PAYLOAD_BYTES = "bytes"
+REPLY_ROUND = "round"
+ACKED = "acked"
+#: Instruction record with the statuses of a client's unacknowledged replies (design.md section 7): a ConfigRecord
+#: of three equally long lists (omitted when there is none).
+STATUSES = "statuses"
+STATUS_FIELDS = ("rounds", "outcomes", "factors")
 #: Reply metrics (a MetricRecord).
 METRICS = "metrics"
 #: Probe reply: the full local gradient (an ArrayRecord with one float32 vector under PROBE_GRADIENT).
@@ -33,6 +44,9 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 RESIDUAL_NORM = "residual-norm"
 RESIDUAL_NORM_IN = "residual-norm-in"
+#: Norm of what the client folded back into its residual (a lost reply) and of what a server policy removed.
+FOLDED_NORM = "ef-folded-norm"
+REMOVED_NORM = "ef-removed-norm"
 STATE_ROUNDS = "state-rounds"
 LOCAL_VARIANCE = "local-variance"
 
@@ -74,6 +88,36 @@ CLIENT_KEYS: tuple[str, ...] = tuple(
         "min-partition-size",
     }
 )
+
+
+def statuses_to_fields(statuses: tuple[Status, ...]) -> dict[str, list]:
+    """The :data:`STATUSES` record's fields for an instruction."""
+    return {
+        "rounds": [int(s.round) for s in statuses],
+        "outcomes": [int(s.outcome) for s in statuses],
+        "factors": [float(s.factor) for s in statuses],
+    }
+
+
+def statuses_from_fields(fields: Mapping[str, Any]) -> tuple[Status, ...]:
+    """Parse and check the :data:`STATUSES` record; raise ValueError naming what is wrong."""
+    columns = [fields.get(name) for name in STATUS_FIELDS]
+    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+        raise ValueError(
+            f"instruction statuses must be three equally long lists {STATUS_FIELDS}, got {dict(fields)}"
+        )
+    out = []
+    for rnd, outcome, factor in zip(*columns, strict=True):
+        if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 0:
+            raise ValueError(f"instruction status round must be an integer >= 0, got {rnd!r}")
+        if outcome not in {int(o) for o in Outcome}:
+            raise ValueError(
+                f"instruction status outcome must be one of {[int(o) for o in Outcome]}, got {outcome!r}"
+            )
+        if not isinstance(factor, float | int) or not 0.0 <= float(factor) <= 1.0:
+            raise ValueError(f"instruction status factor must be in [0, 1], got {factor!r}")
+        out.append(Status(rnd, Outcome(outcome), float(factor)))
+    return tuple(out)
 
 
 def derive_seed(seed: int, *parts: int) -> int:

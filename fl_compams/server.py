@@ -8,7 +8,8 @@ checkpoint of the run's optimisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -21,11 +22,17 @@ __all__ = ["ServerState", "apply_round", "init_server_state"]
 
 
 class ServerState(NamedTuple):
-    """Round counter, flat model and optimizer state."""
+    """Round counter, flat model, optimizer state, and the statuses clients have not acknowledged yet.
+
+    ``unacked`` maps a client label to the statuses (:class:`fl_compams.algorithm.Status`) of its replies that
+    the client has not confirmed; they are resent with its next instruction (design.md section 7). Treat it as
+    immutable: steps build a new mapping.
+    """
 
     round: int
     theta: torch.Tensor
     opt_state: Any
+    unacked: Mapping[str, tuple] = MappingProxyType({})
 
 
 def init_server_state(theta: torch.Tensor, optimizer: ServerOptimizer) -> ServerState:
@@ -44,4 +51,4 @@ def apply_round(
         payloads, weights, state.theta.numel(), device=state.theta.device, dtype=state.theta.dtype
     )
     delta, opt_state = optimizer.update(g_bar, state.opt_state)
-    return ServerState(state.round + 1, state.theta + delta, opt_state), g_bar
+    return state._replace(round=state.round + 1, theta=state.theta + delta, opt_state=opt_state), g_bar

@@ -1,10 +1,11 @@
-"""CompAMS: Flower's FedAvg with aggregation replaced by COMP-AMS's server (Li, Karimi & Li, Algorithm 2).
+"""CompAMS: a Flower strategy that moves records in and out of the algorithm layer (design.md section 7).
 
-Sampling, ``fraction-train``, minimum node counts, evaluation and the round loop (``start``) are Flower's own.
-``aggregate_train`` never averages arrays the FedAvg way: it validates each reply, decodes its payload with the
-core codec, averages the decoded updates (uniform or by example count) and takes one server-optimizer step
-(AMSGrad by default) through :func:`fl_compams.server.apply_round`. A reply that fails validation, or an error
-reply, is dropped, logged with its node id and reason, counted, and never touches the model.
+Sampling, ``fraction-train``, minimum node counts and the round loop (``start``) are Flower's own (FedAvg's).
+Each sampled node gets the shared dense model and settings plus the statuses of its unacknowledged replies
+(:func:`fl_compams.algorithm.instruction_for`). ``aggregate_train`` validates each reply, decodes its payload with
+the core codec and hands the valid ones to :func:`fl_compams.algorithm.server_step` (bound, average, one
+optimizer step, a status for every reply). A reply that fails validation, or an error reply, is dropped, logged
+with its node label and reason, counted, and never touches the model; its client folds it back.
 """
 
 from __future__ import annotations
@@ -13,53 +14,31 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fl_compams import protocol
 from fl_compams.aggregate import aggregation_weights
+from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
 from fl_compams.codec import from_bytes
-from fl_compams.compressors import Compressor
 from fl_compams.config import ExperimentConfig
 from fl_compams.errors import PayloadError
 from fl_compams.flat import ParamSpec, unflatten
-from fl_compams.nodes import label_sort_key
-from fl_compams.payloads import Payload
-from fl_compams.server import ServerState, apply_round
-from fl_compams.server_opt import ServerOptimizer
-from strategies.wire import wire_bytes
+from fl_compams.server import ServerState
+from strategies.traffic import RoundTraffic, sorted_by_label
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RoundTraffic:
-    """What one training round cost and who took part, per client label (partition or node)."""
-
-    downlink_bytes: dict[str, int] = field(default_factory=dict)
-    uplink_bytes: dict[str, int] = field(default_factory=dict)
-    uplink_theory_bits: float = 0.0
-    failures: dict[str, str] = field(default_factory=dict)
-    ok: list[str] = field(default_factory=list)
-    clipped: list[str] = field(default_factory=list)
-    applied: bool = False
-    train_loss: float = math.nan
-    residual_norm: float = math.nan
-    #: Per client: bytes, payload size and the client's reported metrics (or its failure).
-    per_client: dict[str, dict] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class ValidReply:
-    """A training reply that passed validation, with its decoded payload."""
+    """A training reply that passed validation: what the algorithm layer needs, plus the reply's metrics."""
 
-    label: str
-    payload: Payload
+    reply: ServerReply
     payload_bytes: int
-    num_examples: int
     metrics: dict
 
 
@@ -72,10 +51,10 @@ class CompAMS(FedAvg):
         The resolved experiment configuration (server optimizer, weighting, robustness, client settings).
     spec
         The model's ParamSpec; payloads must have dimension ``spec.dim``.
-    compressor
-        The clients' compressor (to check payload kinds and report theory bits).
-    optimizer
-        The server optimizer; ``state`` its current :class:`~fl_compams.server.ServerState`.
+    algorithm
+        The composition of parts (compressor, EF, bound, weighting, server optimizer) the round runs.
+    state
+        The current :class:`~fl_compams.server.ServerState` (model, optimizer moments, unacknowledged statuses).
     node_labels
         Stable names of the nodes (``"partition-3"``), used to order replies before summing (so results do not
         depend on arrival order or on Flower's random node ids) and to key per-client results.
@@ -89,8 +68,7 @@ class CompAMS(FedAvg):
         self,
         config: ExperimentConfig,
         spec: ParamSpec,
-        compressor: Compressor,
-        optimizer: ServerOptimizer,
+        algorithm: Algorithm,
         state: ServerState,
         *,
         node_labels: Mapping[int, str] | None = None,
@@ -103,8 +81,8 @@ class CompAMS(FedAvg):
         super().__init__(fraction_train=config.server.fraction_train, **fedavg_kwargs)
         self.config = config
         self.spec = spec
-        self.compressor = compressor
-        self.optimizer = optimizer
+        self.algorithm = algorithm
+        self.compressor = algorithm.compressor
         self.state = state
         self.node_labels = dict(node_labels or {})
         self.round_offset = round_offset
@@ -124,26 +102,32 @@ class CompAMS(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Flower's sampling and messages, with the client settings added and the downlink bytes measured."""
+        """Flower's sampling; one instruction per node: the shared model and settings plus its statuses."""
         rnd = server_round + self.round_offset
         for key, value in self.client_config().items():
             config[key] = value
         # Flower samples with the `random` module: seeding it per round makes the sample a function of
         # (seed, round) only, so runs repeat and a resumed run samples what the uninterrupted one would.
         random.seed(protocol.derive_seed(self.config.seed, rnd))
-        messages = list(super().configure_train(rnd, arrays, config, grid))
+        messages = []
+        for m in super().configure_train(rnd, arrays, config, grid):
+            node = m.metadata.dst_node_id
+            statuses = instruction_for(self.state, self.label(node), rnd).statuses
+            if statuses:  # the model and settings records are shared objects, not copies
+                content = RecordDict({**m.content})
+                content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+                m = Message(content=content, message_type=m.metadata.message_type, dst_node_id=node)
+            messages.append(m)
         self._sent[rnd] = messages  # the Grid sets each one's message_id in place when it sends them
         traffic = RoundTraffic()
-        if messages:
-            size = wire_bytes(messages[0].content)  # FedAvg shares one RecordDict across all messages
-            traffic.downlink_bytes = {self.label(m.metadata.dst_node_id): size for m in messages}
+        traffic.record_instructions(messages, self.label)
         self.traffic[rnd] = traffic
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, decode, bound, average and step; dropped replies never reach the model."""
+        """Validate and decode the replies, then one ``server_step``; dropped replies never reach the model."""
         rnd = server_round + self.round_offset
         traffic = self.traffic.setdefault(rnd, RoundTraffic())
         valid: list[ValidReply] = []
@@ -152,83 +136,58 @@ class CompAMS(FedAvg):
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop(rnd, [])}
         for msg in replies:
             label = self.label(dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
-            if msg.has_error():
-                traffic.failures[label] = f"client error: {msg.error.reason}"
+            if not traffic.record_reply(label, msg):
                 continue
-            traffic.uplink_bytes[label] = wire_bytes(msg.content)
             try:
-                valid.append(self.parse_reply(msg))
+                valid.append(self.parse_reply(msg, label, rnd))
             except PayloadError as err:
                 traffic.failures[label] = str(err)
-        for label in traffic.downlink_bytes:
-            if label not in traffic.uplink_bytes and label not in traffic.failures:
-                traffic.failures[label] = (
-                    f"no reply within round-timeout ({self.config.server.round_timeout:g} s)"
+        traffic.record_missing(self.config.server.round_timeout)
+        self.state, step = server_step(
+            self.algorithm, self.state, rnd, [v.reply for v in valid], lost=traffic.lost()
+        )
+        for v in valid:
+            status = step.statuses[v.reply.label]
+            if status.outcome == Outcome.REJECTED:
+                traffic.failures[v.reply.label] = (
+                    f"update norm {step.norms[v.reply.label]:.6g} exceeds max-update-norm "
+                    f"{self.algorithm.bound.max_norm:.6g}"
                 )
-        valid.sort(key=lambda r: label_sort_key(r.label))  # summation order independent of arrival order
-        valid, factors = self._bound_norms(valid, traffic)
+            elif status.factor < 1.0 and status.outcome == Outcome.APPLIED:
+                traffic.clipped.append(v.reply.label)
+        ok = [v for v in valid if v.reply.label not in traffic.failures]
         for label, reason in sorted(traffic.failures.items()):
             log.warning("round %d: dropped the reply of %s: %s", rnd, label, reason)
             traffic.per_client[label] = {
                 "uplink_bytes": traffic.uplink_bytes.get(label, 0),
                 "failure": reason,
             }
-        for r in valid:
-            traffic.per_client[r.label] = {
-                "uplink_bytes": traffic.uplink_bytes[r.label],
-                "payload_bytes": r.payload_bytes,
-                "downlink_bytes": traffic.downlink_bytes.get(r.label, 0),
-                **{key.replace("-", "_"): value for key, value in r.metrics.items()},
+        for v in ok:
+            label = v.reply.label
+            traffic.per_client[label] = {
+                "uplink_bytes": traffic.uplink_bytes[label],
+                "payload_bytes": v.payload_bytes,
+                "downlink_bytes": traffic.downlink_bytes.get(label, 0),
+                **{key.replace("-", "_"): value for key, value in v.metrics.items()},
             }
-        traffic.per_client = dict(sorted(traffic.per_client.items(), key=lambda kv: label_sort_key(kv[0])))
-        traffic.ok = [r.label for r in valid]
-        minimum = self.config.server.min_valid_replies
-        if len(valid) < minimum:
+        traffic.per_client = sorted_by_label(traffic.per_client)
+        traffic.ok = [v.reply.label for v in ok]
+        if not step.applied:
             log.warning(
                 "round %d: %d valid replies, fewer than min-valid-replies = %d; the model and the optimizer "
                 "state are unchanged this round",
                 rnd,
-                len(valid),
-                minimum,
+                len(ok),
+                self.algorithm.min_valid_replies,
             )
-            self.state = self.state._replace(round=rnd)
             return None, self._metrics(traffic)
-        weights = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
-        weights = [w * f for w, f in zip(weights, factors, strict=True)]  # clipping scales an update
-        self.state, _ = apply_round(self.state, [r.payload for r in valid], weights, self.optimizer)
-        self.state = self.state._replace(round=rnd)
         traffic.applied = True
-        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(valid)
-        mean_w = aggregation_weights(self.config.server.weighting, [r.num_examples for r in valid])
-        traffic.train_loss = sum(
-            w * r.metrics[protocol.TRAIN_LOSS] for w, r in zip(mean_w, valid, strict=True)
-        )
-        norms = [r.metrics.get(protocol.RESIDUAL_NORM, 0.0) for r in valid]
-        traffic.residual_norm = sum(norms) / len(norms)
+        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(ok)
+        traffic.train_loss = _mean(self.algorithm.weighting, ok, protocol.TRAIN_LOSS)
+        traffic.residual_norm = sum(v.metrics.get(protocol.RESIDUAL_NORM, 0.0) for v in ok) / len(ok)
         return self.current_arrays(), self._metrics(traffic)
 
-    def _bound_norms(
-        self, valid: list[ValidReply], traffic: RoundTraffic
-    ) -> tuple[list[ValidReply], list[float]]:
-        """Apply ``max-update-norm``: clip (scale factor < 1) or reject updates whose decoded norm exceeds it."""
-        limit = self.config.server.max_update_norm
-        if not limit:
-            return valid, [1.0] * len(valid)
-        kept, factors = [], []
-        for r in valid:
-            norm = r.payload.norm()
-            if norm <= limit:
-                kept.append(r)
-                factors.append(1.0)
-            elif self.config.server.update_norm_action == "reject":
-                traffic.failures[r.label] = f"update norm {norm:.6g} exceeds max-update-norm {limit:.6g}"
-            else:
-                kept.append(r)
-                factors.append(limit / norm)
-                traffic.clipped.append(r.label)
-        return kept, factors
-
-    def parse_reply(self, msg: Message) -> ValidReply:
+    def parse_reply(self, msg: Message, label: str, rnd: int) -> ValidReply:
         """Check a training reply's records and decode its payload; raise PayloadError on anything wrong."""
         content = msg.content
         record = content.get(protocol.PAYLOAD) if protocol.PAYLOAD in content else None
@@ -240,6 +199,12 @@ class CompAMS(FedAvg):
         data = record[protocol.PAYLOAD_BYTES]
         if not isinstance(data, bytes):
             raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+        reply_round = record.get(protocol.REPLY_ROUND, rnd)
+        if reply_round != rnd or isinstance(reply_round, bool):
+            raise PayloadError(f"reply answers round {reply_round!r}, expected this round {rnd}")
+        acked = record.get(protocol.ACKED, -1)
+        if not isinstance(acked, int) or isinstance(acked, bool) or not -1 <= acked < rnd:
+            raise PayloadError(f"{protocol.ACKED!r} must be an integer in [-1, {rnd - 1}], got {acked!r}")
         metrics = content.get(protocol.METRICS) if protocol.METRICS in content else None
         if not isinstance(metrics, MetricRecord):
             raise PayloadError(f"reply has no {protocol.METRICS!r} MetricRecord")
@@ -254,7 +219,7 @@ class CompAMS(FedAvg):
         payload = from_bytes(
             data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
         )
-        return ValidReply(self.label(msg.metadata.src_node_id), payload, len(data), n, dict(metrics))
+        return ValidReply(ServerReply(label, rnd, payload, n, acked), len(data), dict(metrics))
 
     # ------------------------------------------------------------------------------------------ helpers
     def current_arrays(self) -> ArrayRecord:
@@ -274,3 +239,9 @@ class CompAMS(FedAvg):
                 "train-loss": float(traffic.train_loss),
             }
         )
+
+
+def _mean(weighting: str, replies: list[ValidReply], key: str) -> float:
+    """The mean of a reported metric, weighted as the updates are."""
+    weights = aggregation_weights(weighting, [v.reply.num_examples for v in replies])
+    return sum(w * v.metrics[key] for w, v in zip(weights, replies, strict=True))

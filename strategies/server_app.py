@@ -22,14 +22,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fl_compams import protocol
+from fl_compams.algorithm import FLOWER_BASELINES
 from fl_compams.checkpoint import latest_checkpoint, save_checkpoint
-from fl_compams.config import build_compressor, build_server_optimizer, parse_config
+from fl_compams.config import build_algorithm, parse_config
 from fl_compams.errors import ConfigError
 from fl_compams.flat import ParamSpec, flatten, unflatten
 from fl_compams.nodes import label_sort_key, node_label
 from fl_compams.server import init_server_state
-from strategies.comp_ams import CompAMS, RoundTraffic
+from strategies.comp_ams import CompAMS
 from strategies.results import ResultsDir, resolve_run_dir
+from strategies.traffic import RoundTraffic, traffic_row
 from strategies.wire import wire_bytes
 from tasks.partition import partition_stats
 from tasks.task import load_data, make_model, partitions, resolve_device
@@ -48,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_server(
     grid: Grid, run_config: Mapping[str, Any], on_round: Callable[[dict], None] | None = None
 ) -> Path:
-    """Run one COMP-AMS experiment on ``grid``; return the results directory.
+    """Run one experiment on ``grid``; return the results directory.
 
     ``on_round`` is called with every row written to ``metrics.jsonl`` (progress bars, live monitoring).
     """
@@ -58,94 +60,138 @@ def run_server(
     bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)
-    optimizer = build_server_optimizer(cfg.server)
-    compressor = build_compressor(cfg.compression, spec.block_sizes)
+    algorithm = build_algorithm(cfg, spec.block_sizes)
     labels = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
 
     run_dir = resolve_run_dir(cfg.output.out_dir, cfg.output.run_name)
     checkpoints = run_dir / "checkpoints"
-    state = init_server_state(flatten(model.state_dict(), spec), optimizer)
+    state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt)
     totals = {"up": 0, "down": 0, "probe": 0}
     done = 0
     if cfg.output.resume:
         state, totals, done = _resume(checkpoints, cfg, spec, device, state, totals)
     results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
-    strategy = CompAMS(cfg, spec, compressor, optimizer, state, node_labels=labels, round_offset=done)
+    strategy = CompAMS(cfg, spec, algorithm, state, node_labels=labels, round_offset=done)
     run_grid = StableOrderGrid(grid, labels)
     traffic = strategy.traffic
-    flower_strategy = None
-    if cfg.algorithm != "compams":
+    baseline = cfg.algorithm in FLOWER_BASELINES
+    if baseline:
         if cfg.output.checkpoint_every or cfg.output.resume:
-            raise ConfigError("checkpoint-every and resume apply to algorithm = 'compams' only")
+            raise ConfigError("checkpoint-every and resume apply to the algorithm layer's algorithms only")
         run_grid = MeasuringGrid(grid, labels, cfg, spec.dim)
         traffic = run_grid.traffic
-        flower_strategy = flower_baseline(cfg)
     if not done:
-        results.write_json(
-            "config.json",
-            {
-                "config": cfg.to_flat(),
-                "num_nodes": len(labels),
-                "nodes": sorted(labels.values()),
-                "model": type(model).__name__,
-                "dim": spec.dim,
-                "param_spec": spec.to_dict(),
-                "device": str(device),
-                "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
-            },
-        )
-        parts = partitions(cfg.data, len(labels), cfg.seed) if labels else ()
-        stats = partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes)
-        results.write_json("partitions.json", stats)
-    test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
+        _write_run_info(results, cfg, labels, model, spec, device, bundle)
+
     started = time.perf_counter()
+    hooks = [
+        evaluation_hook(model, bundle, device),
+        lambda rnd, arrays, row: row.update(traffic_row(traffic.get(rnd), totals)),
+        probe_hook(grid, strategy, labels, totals),
+        lambda rnd, arrays, row: row.update(wall_s=round(time.perf_counter() - started, 3)),
+        writer_hook(results, on_round),
+        checkpoint_hook(checkpoints, strategy, spec, cfg, totals),
+    ]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         rnd = server_round + done
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, test_x, test_y)
-        if server_round == 0 and done:  # the resumed model was already evaluated in its own round
-            return MetricRecord({"accuracy": acc, "loss": loss})
-        row: dict[str, Any] = {"round": rnd, "accuracy": acc, "loss": loss}
-        row.update(_traffic_row(traffic.get(rnd), totals))
-        if cfg.output.probe_every and rnd and rnd % cfg.output.probe_every == 0:
-            row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout, labels))
-            totals["probe"] += row["probe_bytes"]
-        row["probe_bytes_cum"] = totals["probe"]
-        row["wall_s"] = round(time.perf_counter() - started, 3)
-        results.append_metrics(row)
-        if on_round is not None:
-            on_round(row)
-        if cfg.output.checkpoint_every and rnd and rnd % cfg.output.checkpoint_every == 0:
-            extra = {"totals": totals, "config": cfg.to_flat(), "dim": spec.dim}
-            save_checkpoint(checkpoints, strategy.state._replace(round=rnd), extra)
-        log.info("round %d: accuracy %.4f loss %.4f", rnd, acc, loss)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        row: dict[str, Any] = {"round": rnd}
+        if server_round == 0 and done:  # the resumed model was already evaluated and written in its own round
+            hooks[0](rnd, arrays, row)
+        else:
+            for hook in hooks:
+                hook(rnd, arrays, row)
+            log.info("round %d: accuracy %.4f loss %.4f", rnd, row["accuracy"], row["loss"])
+        return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
 
     remaining = cfg.server.num_server_rounds - done
-    if flower_strategy is not None:
-        result = flower_strategy.start(
-            run_grid,
-            initial_arrays=strategy.current_arrays(),
-            num_rounds=remaining,
-            timeout=timeout,
-            train_config=strategy.client_config(),
-            evaluate_fn=evaluate_fn,
+    start = {"num_rounds": remaining, "timeout": timeout, "evaluate_fn": evaluate_fn}
+    if baseline:
+        result = flower_baseline(cfg).start(
+            run_grid, initial_arrays=strategy.current_arrays(), train_config=strategy.client_config(), **start
         )
-        final = result.arrays.to_torch_state_dict()
-        results.save_model(final)
+        results.save_model(result.arrays.to_torch_state_dict())
         return results.path
     if remaining > 0:
         strategy.start(
-            run_grid,
-            initial_arrays=strategy.current_arrays(),
-            num_rounds=remaining,
-            timeout=timeout,
-            train_config=ConfigRecord(),
-            evaluate_fn=evaluate_fn,
+            run_grid, initial_arrays=strategy.current_arrays(), train_config=ConfigRecord(), **start
         )
     results.save_model(unflatten(strategy.state.theta.cpu(), spec))
     return results.path
+
+
+#: A round hook adds its columns to the round's ``metrics.jsonl`` row (or acts on it: write, checkpoint).
+RoundHook = Callable[[int, ArrayRecord, dict], None]
+
+
+def evaluation_hook(model: torch.nn.Module, bundle, device: torch.device) -> RoundHook:
+    """Central evaluation of the global model on the test set: ``accuracy`` and ``loss``."""
+    test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
+
+    def hook(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test_x, test_y)
+        row.update(accuracy=accuracy, loss=loss)
+
+    return hook
+
+
+def probe_hook(grid: Grid, strategy: CompAMS, labels: Mapping[int, str], totals: dict[str, int]) -> RoundHook:
+    """The sigma_g^2 probe every ``probe-every`` rounds; its traffic is counted apart from training traffic."""
+    every = strategy.config.output.probe_every
+    timeout = strategy.config.server.round_timeout
+
+    def hook(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+        if every and rnd and rnd % every == 0:
+            row.update(probe_heterogeneity(grid, arrays, strategy.client_config(), timeout, labels))
+            totals["probe"] += row["probe_bytes"]
+        row["probe_bytes_cum"] = totals["probe"]
+
+    return hook
+
+
+def writer_hook(results: ResultsDir, on_round: Callable[[dict], None] | None) -> RoundHook:
+    """Append the row to ``metrics.jsonl`` and hand it to ``on_round``."""
+
+    def hook(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+        results.append_metrics(row)
+        if on_round is not None:
+            on_round(row)
+
+    return hook
+
+
+def checkpoint_hook(checkpoints: Path, strategy: CompAMS, spec: ParamSpec, cfg, totals: dict) -> RoundHook:
+    """Write the whole server state every ``checkpoint-every`` rounds (after the round's row is written)."""
+    every = cfg.output.checkpoint_every
+
+    def hook(rnd: int, arrays: ArrayRecord, row: dict) -> None:
+        if every and rnd and rnd % every == 0:
+            extra = {"totals": totals, "config": cfg.to_flat(), "dim": spec.dim}
+            save_checkpoint(checkpoints, strategy.state._replace(round=rnd), extra)
+
+    return hook
+
+
+def _write_run_info(results: ResultsDir, cfg, labels, model, spec: ParamSpec, device, bundle) -> None:
+    """``config.json`` and ``partitions.json`` of a fresh run."""
+    results.write_json(
+        "config.json",
+        {
+            "config": cfg.to_flat(),
+            "num_nodes": len(labels),
+            "nodes": sorted(labels.values()),
+            "model": type(model).__name__,
+            "dim": spec.dim,
+            "param_spec": spec.to_dict(),
+            "device": str(device),
+            "versions": {"flwr": flwr.__version__, "torch": torch.__version__},
+        },
+    )
+    parts = partitions(cfg.data, len(labels), cfg.seed) if labels else ()
+    results.write_json(
+        "partitions.json", partition_stats(bundle.train_y.numpy(), list(parts), bundle.num_classes)
+    )
 
 
 def flower_baseline(cfg):
@@ -234,29 +280,20 @@ class MeasuringGrid(StableOrderGrid):
             return self._grid.send_and_receive(messages, timeout=timeout)
         label = lambda node: self._labels.get(node, f"node-{node}")  # noqa: E731
         traffic = RoundTraffic()
-        sizes: dict[int, int] = {}  # messages may share one RecordDict: measure each distinct content once
-        for m in messages:
-            size = sizes.setdefault(id(m.content), wire_bytes(m.content))
-            traffic.downlink_bytes[label(m.metadata.dst_node_id)] = size
+        traffic.record_instructions(messages, label)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         losses, weights = [], []
         for r in replies:
             name = label(r.metadata.src_node_id)
-            if r.has_error():
-                traffic.failures[name] = f"client error: {r.error.reason}"
+            if not traffic.record_reply(name, r):
                 continue
-            traffic.uplink_bytes[name] = wire_bytes(r.content)
             metrics = r.content.metric_records
             record = next(iter(metrics.values())) if metrics else {}
             traffic.ok.append(name)
             traffic.per_client[name] = {"uplink_bytes": traffic.uplink_bytes[name]}
             losses.append(float(record.get(protocol.TRAIN_LOSS, math.nan)))
             weights.append(float(record.get(protocol.NUM_EXAMPLES, 1)))
-        for name in traffic.downlink_bytes:
-            if name not in traffic.uplink_bytes and name not in traffic.failures:
-                traffic.failures[name] = (
-                    f"no reply within round-timeout ({self.cfg.server.round_timeout:g} s)"
-                )
+        traffic.record_missing(self.cfg.server.round_timeout)
         if losses:  # Flower weights clients by num-examples; report the train loss the same way
             traffic.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
             traffic.applied = True
@@ -297,43 +334,6 @@ def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dic
         info = reply.content[protocol.NODE_INFO]
         labels[node] = node_label(int(info[protocol.PARTITION_ID]), str(info[protocol.NODE_NAME]), node)
     return labels
-
-
-def _traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[str, Any]:
-    if traffic is None:  # round 0: the initial model, nothing sent yet
-        return {
-            "train_loss": None,
-            "uplink_bytes": 0,
-            "downlink_bytes": 0,
-            "uplink_bytes_cum": 0,
-            "downlink_bytes_cum": 0,
-            "uplink_theory_bits": 0.0,
-            "clients_ok": 0,
-            "clients_failed": 0,
-            "clients_clipped": 0,
-            "update_applied": False,
-        }
-    up, down = sum(traffic.uplink_bytes.values()), sum(traffic.downlink_bytes.values())
-    totals["up"] += up
-    totals["down"] += down
-    ok = max(1, len(traffic.ok))
-    return {
-        "train_loss": traffic.train_loss,
-        "uplink_bytes": up,
-        "downlink_bytes": down,
-        "uplink_bytes_cum": totals["up"],
-        "downlink_bytes_cum": totals["down"],
-        "uplink_theory_bits": traffic.uplink_theory_bits,
-        "uplink_bytes_per_client": sum(traffic.uplink_bytes[n] for n in traffic.ok) / ok,
-        "uplink_theory_bytes_per_client": traffic.uplink_theory_bits / 8 / ok,
-        "clients_ok": len(traffic.ok),
-        "clients_failed": len(traffic.failures),
-        "clients_clipped": len(traffic.clipped),
-        "update_applied": traffic.applied,
-        "failures": dict(sorted(traffic.failures.items())),
-        "residual_norm": traffic.residual_norm,
-        "clients": traffic.per_client,
-    }
 
 
 def probe_heterogeneity(

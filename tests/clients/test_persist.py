@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
-from clients import baselines, persist, state_io
+from clients import persist, state_io
 from clients.persist import (
     PersistedState,
     StateFileWarning,
@@ -237,12 +237,17 @@ def context(tmp_path, node_id=11, **node_config):
     return Context(run_id=RUN, node_id=node_id, node_config=cfg, state=RecordDict(), run_config={})
 
 
+def load_residual(ctx, dim):
+    worker = state_io.load_worker_state(ctx.state, dim, torch.device("cpu"))
+    return worker.residual if worker.residual is not None else torch.zeros(dim)
+
+
 def train_round(ctx, residual):
     """What the ClientApp does with the state in one round."""
     state_io.restore_from_disk(ctx, residual.numel())
-    before = state_io.load_residual(ctx.state, residual.numel(), torch.device("cpu"))
-    state_io.save_residual(ctx.state, residual)
-    state_io.bump_rounds(ctx.state)
+    worker = state_io.load_worker_state(ctx.state, residual.numel(), torch.device("cpu"))
+    before = load_residual(ctx, residual.numel())
+    state_io.save_worker_state(ctx.state, worker._replace(residual=residual, rounds=worker.rounds + 1))
     state_io.save_to_disk(ctx, residual.numel())
     return before
 
@@ -261,7 +266,7 @@ def test_restarted_node_restores_residual_and_rounds(tmp_path, node_config):
 
 def test_other_client_state_is_restored_too(tmp_path):
     ctx = context(tmp_path, **{"partition-id": 0})
-    ctx.state[baselines.ADAM_RECORD] = ArrayRecord(
+    ctx.state[state_io.ADAM_RECORD] = ArrayRecord(
         {
             "m": Array(np.ones(5, np.float32)),
             "v": Array(np.full(5, 2, np.float32)),
@@ -271,7 +276,7 @@ def test_other_client_state_is_restored_too(tmp_path):
     train_round(ctx, torch.ones(5))
     restarted = context(tmp_path, node_id=12, **{"partition-id": 0})
     assert state_io.restore_from_disk(restarted, 5)
-    rec = restarted.state[baselines.ADAM_RECORD]
+    rec = restarted.state[state_io.ADAM_RECORD]
     assert np.array_equal(rec["v"].numpy(), np.full(5, 2, np.float32)) and int(rec["step"].numpy()[0]) == 4
 
 
@@ -281,7 +286,7 @@ def test_state_in_memory_wins_over_the_file(tmp_path):
     other = PersistedState(RUN, 1, "partition-0", 7, 4, {"ef": {"residual": np.zeros(4, np.float32)}})
     persist.write_state(state_io.state_file(ctx), other)
     assert not state_io.restore_from_disk(ctx, 4)
-    assert torch.equal(state_io.load_residual(ctx.state, 4, torch.device("cpu")), torch.ones(4))
+    assert torch.equal(load_residual(ctx, 4), torch.ones(4))
 
 
 def test_without_state_dir_nothing_is_written(tmp_path):

@@ -53,3 +53,41 @@ def test_latest_skips_a_corrupt_newest_checkpoint(tmp_path):
         state, _, path = latest_checkpoint(tmp_path)
     assert state.round == 3 and path.name == "round-000003.ckpt" and torch.equal(state.theta, s3.theta)
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_unacknowledged_statuses_round_trip(tmp_path):
+    from fl_compams.algorithm import Outcome, Status
+
+    unacked = {"partition-3": (Status(4, Outcome.LOST, 0.0), Status(5, Outcome.APPLIED, 0.25))}
+    state = trained_state(AMSGrad())._replace(unacked=unacked)
+    back, _ = load_checkpoint(save_checkpoint(tmp_path, state))
+    assert back.unacked == unacked
+
+
+def test_version_1_checkpoint_is_migrated_with_no_outstanding_statuses(tmp_path):
+    import hashlib
+    import json
+    import struct
+
+    path = save_checkpoint(tmp_path, trained_state(AMSGrad()))
+    body = path.read_bytes()[:-32]
+    magic, _, head_len = struct.unpack_from("<8sHI", body)
+    header = json.loads(body[14 : 14 + head_len])
+    del header["unacked"]  # the layout before acknowledged client state
+    head = json.dumps(header).encode()
+    old = struct.pack("<8sHI", magic, 1, len(head)) + head + body[14 + head_len :]
+    path.write_bytes(old + hashlib.sha256(old).digest())
+    back, _ = load_checkpoint(path)
+    assert back.round == 3 and dict(back.unacked) == {}
+
+
+def test_unknown_future_version_is_refused_with_a_clear_message(tmp_path):
+    import hashlib
+    import struct
+
+    path = save_checkpoint(tmp_path, trained_state(AMSGrad()))
+    body = bytearray(path.read_bytes()[:-32])
+    struct.pack_into("<H", body, 8, 99)
+    path.write_bytes(bytes(body) + hashlib.sha256(body).digest())
+    with pytest.raises(CheckpointError, match=r"format version 99, this code reads versions \[1, 2\]"):
+        load_checkpoint(path)

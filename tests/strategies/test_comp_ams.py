@@ -7,7 +7,8 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_compams import ParamSpec, build_compressor, build_server_optimizer, parse_config, protocol, to_bytes
+from fl_compams import ParamSpec, build_compressor, parse_config, protocol, to_bytes
+from fl_compams.config import build_algorithm
 from fl_compams.server import init_server_state
 from strategies.comp_ams import CompAMS
 from strategies.wire import wire_bytes
@@ -23,10 +24,9 @@ def _task_identity():
 
 def make_strategy(**overrides):
     cfg = parse_config({"server-lr": 0.1, **overrides})
-    compressor = build_compressor(cfg.compression, SPEC.block_sizes)
-    optimizer = build_server_optimizer(cfg.server)
+    algorithm = build_algorithm(cfg, SPEC.block_sizes)
     theta0 = torch.linspace(-1, 1, SPEC.dim)
-    return CompAMS(cfg, SPEC, compressor, optimizer, init_server_state(theta0, optimizer)), theta0
+    return CompAMS(cfg, SPEC, algorithm, init_server_state(theta0, algorithm.server_opt)), theta0
 
 
 def instruction(node):

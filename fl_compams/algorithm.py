@@ -1,0 +1,350 @@
+"""The opened round (design.md section 7): pure worker and server steps over named state.
+
+One round of COMP-AMS (Li, Karimi & Li, ICLR 2022, Algorithm 2) and of the baselines built from the same parts::
+
+    server  instruction_for(state, client)          -> the statuses of the client's unacknowledged replies
+    worker  worker_begin(algorithm, wstate, instr)  -> apply those statuses (commit, or fold back what was lost)
+            (local training at theta_t gives the update u; H = 1: one minibatch gradient)
+    worker  worker_end(algorithm, wstate, u, ...)   -> payload of C(u + e), e' = u + e - C(u + e), pending reply
+    server  server_step(algorithm, state, replies)  -> bound, average, optimizer step; a status for every reply
+
+**Acknowledged error feedback.** A worker subtracts C(p) from its residual when it replies, before the server has
+decided anything. The server answers every reply with a :class:`Status` tagged by the reply's round, kept in the
+(checkpointed) server state until the worker's next reply confirms it applied it; applying a status twice does
+nothing. What the server never applied (invalid, timed out, never received, or a round below
+``min-valid-replies``) is *lost* and folded back into the residual in full; what a server policy removed
+(clipped to ``max-update-norm``, or rejected by it) is reported and not folded back, so a residual stays bounded.
+Hence, per worker and with EF on, exactly (up to float rounding)::
+
+    sum(applied on its behalf) + sum(removed by policy) + residual = sum(its updates)
+
+Flower glue (``clients/``, ``strategies/``) only moves these values in and out of records.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from fl_compams.aggregate import WEIGHTINGS, aggregation_weights
+from fl_compams.client_opt import LocalAdam, LocalAdamState
+from fl_compams.codec import from_bytes, to_bytes
+from fl_compams.compressors import Compressor
+from fl_compams.error_feedback import ef_step
+from fl_compams.nodes import label_sort_key
+from fl_compams.payloads import Payload
+from fl_compams.server import ServerState, apply_round
+from fl_compams.server_opt import ServerOptimizer
+
+__all__ = [
+    "ALGORITHMS",
+    "FLOWER_BASELINES",
+    "Algorithm",
+    "BeginReport",
+    "Instruction",
+    "Outcome",
+    "Pending",
+    "ReplyBound",
+    "ServerReply",
+    "Status",
+    "StepReport",
+    "WorkerReply",
+    "WorkerState",
+    "instruction_for",
+    "server_step",
+    "worker_begin",
+    "worker_end",
+]
+
+WORKER_STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- statuses
+class Outcome(enum.IntEnum):
+    """What became of a reply; the value travels in instructions (never renumber)."""
+
+    #: Applied with ``factor`` (1, or < 1 when ``max-update-norm`` clipped it: the rest was removed by policy).
+    APPLIED = 1
+    #: Removed by a server policy (``update-norm-action = "reject"``): reported, not folded back.
+    REJECTED = 2
+    #: Never applied (invalid, timed out, never received, round not applied): folded back into the residual.
+    LOST = 3
+
+
+class Status(NamedTuple):
+    """The server's answer about the reply a client sent in ``round``."""
+
+    round: int
+    outcome: Outcome
+    #: Fraction of the reply that reached the model (1 applied, in (0, 1) clipped, 0 rejected or lost).
+    factor: float = 1.0
+
+    def removed_fraction(self) -> float:
+        """Fraction removed by a server policy (not folded back)."""
+        return 0.0 if self.outcome == Outcome.LOST else 1.0 - self.factor
+
+
+class Instruction(NamedTuple):
+    """What a worker needs besides the dense model: the round and the statuses of its earlier replies."""
+
+    round: int
+    statuses: tuple[Status, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------- state
+class Pending(NamedTuple):
+    """The last reply of a worker, until the server says what became of it: its round and its wire bytes."""
+
+    round: int
+    payload: bytes
+
+
+class WorkerState(NamedTuple):
+    """Everything a worker keeps between rounds (every slot optional; ``None`` = not used by the algorithm)."""
+
+    #: Error-feedback residual e (None when EF is off).
+    residual: torch.Tensor | None = None
+    #: The reply whose fate the worker does not know yet (with EF on).
+    pending: Pending | None = None
+    #: Local optimizer moments (QAdam's local Adam).
+    local_opt: LocalAdamState | None = None
+    #: Rounds this worker has trained.
+    rounds: int = 0
+
+
+class BeginReport(NamedTuple):
+    """What :func:`worker_begin` did with the statuses (reported in the reply's metrics)."""
+
+    #: l2 norm of what was folded back into the residual (a lost reply).
+    folded_norm: float = 0.0
+    #: l2 norm of what a server policy removed from the worker's last reply (clip or reject).
+    removed_norm: float = 0.0
+    #: Highest round whose status the worker has applied (echoed so the server can forget it); -1 = none.
+    acked: int = -1
+    #: The status that resolved the pending reply, if any.
+    resolved: Status | None = None
+
+
+class WorkerReply(NamedTuple):
+    """A worker's reply: the payload's wire bytes and the acknowledgement."""
+
+    round: int
+    payload: bytes
+    acked: int
+
+
+class ServerReply(NamedTuple):
+    """A validated reply as the server sees it (the Flower glue checks records and decodes the payload)."""
+
+    label: str
+    round: int
+    payload: Payload
+    num_examples: int
+    acked: int = -1
+
+
+class StepReport(NamedTuple):
+    """What :func:`server_step` did: statuses per client label, whether the model moved, the applied mean."""
+
+    statuses: Mapping[str, Status]
+    applied: bool
+    #: Weight each applied reply had in the mean (after clipping), by label.
+    weights: Mapping[str, float]
+    #: Decoded norm of each valid reply, by label.
+    norms: Mapping[str, float]
+
+
+# ----------------------------------------------------------------------------------------------- parts
+@dataclass(frozen=True)
+class ReplyBound:
+    """``max-update-norm``: clip (scale to the bound) or reject decoded replies above it; 0 = off."""
+
+    max_norm: float = 0.0
+    action: str = "clip"
+
+    def __post_init__(self) -> None:
+        if not (self.max_norm >= 0 and math.isfinite(self.max_norm)):
+            raise ValueError(f"reply bound: max_norm must be a finite number >= 0, got {self.max_norm!r}")
+        if self.action not in ("clip", "reject"):
+            raise ValueError(f"reply bound: action must be 'clip' or 'reject', got {self.action!r}")
+
+    def factor(self, norm: float) -> float:
+        """Fraction of a reply of this norm that is applied: 1, ``max_norm / norm`` (clip) or 0 (reject)."""
+        if not self.max_norm or norm <= self.max_norm:
+            return 1.0
+        return 0.0 if self.action == "reject" else self.max_norm / norm
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A federated optimizer as a composition of parts (design.md section 7).
+
+    ``local_opt`` transforms the local update before compression (QAdam's local Adam); ``compressor`` with
+    ``error_feedback`` is the uplink; ``bound``, ``weighting`` and ``min_valid_replies`` shape the aggregate;
+    ``server_opt`` steps the global model with the mean of the decoded replies.
+    """
+
+    name: str
+    compressor: Compressor
+    server_opt: ServerOptimizer
+    error_feedback: bool = True
+    local_opt: LocalAdam | None = None
+    weighting: str = "uniform"
+    bound: ReplyBound = ReplyBound()
+    min_valid_replies: int = 1
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"algorithm: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.min_valid_replies < 1:
+            raise ValueError(f"algorithm: min_valid_replies must be >= 1, got {self.min_valid_replies}")
+
+
+#: Named compositions: the settings each one fixes (config keys and values). ``parse_config`` fills them in and
+#: refuses an explicit conflicting value; ``compams`` fixes nothing (every part comes from the config).
+ALGORITHMS: dict[str, Mapping[str, Any]] = {
+    # COMP-AMS (Li et al., Algorithm 2): compressor + EF on the uplink, AMSGrad on the server.
+    "compams": {},
+    # QAdam (Chen et al.): local Adam steps, compressed with EF; the server applies the mean step (sgd, lr 1).
+    "qadam": {"client-opt": "adam", "server-opt": "sgd", "server-lr": 1.0, "server-momentum": 0.0},
+    # MVSS (Wangni et al.): unbiased sparsification without error feedback, AMSGrad server as in COMP-AMS's runs.
+    "mvss": {"compressor": "mvss", "error-feedback": False},
+    # Compressed SGD with server momentum: the compressor + EF uplink of COMP-AMS, SGD momentum 0.9 on the server.
+    "sgdm": {"server-opt": "sgd", "server-momentum": 0.9},
+    # Flower's own FedAvg / FedAdam on dense models (run by Flower's strategies, not by server_step).
+    "flower-fedavg": {"compressor": "identity", "client-opt": "none"},
+    "flower-fedadam": {"compressor": "identity", "client-opt": "none"},
+}
+#: Compositions that Flower's own strategies run (dense models, no server_step).
+FLOWER_BASELINES = ("flower-fedavg", "flower-fedadam")
+
+
+# ----------------------------------------------------------------------------------------------- worker
+def worker_begin(
+    algorithm: Algorithm,
+    state: WorkerState,
+    instruction: Instruction,
+    *,
+    dim: int,
+    device: torch.device | str = "cpu",
+) -> tuple[WorkerState, BeginReport]:
+    """Apply the statuses of the worker's earlier replies.
+
+    The pending reply (if any) is resolved by the status of its round: applied or removed by policy -> commit
+    (the residual already lacks C(p)); lost -> fold C(p) back, ``e <- e + C(p)``. A pending reply with no status
+    in an instruction of a later round is unknown to the server (it never arrived, or the server restarted from
+    an older state) and is folded back too. Statuses of other rounds are ignored, so applying one twice is
+    harmless.
+    """
+    acked = max((s.round for s in instruction.statuses), default=-1)
+    pending = state.pending
+    if pending is None or state.residual is None:
+        return state._replace(pending=None), BeginReport(acked=acked)
+    status = next((s for s in instruction.statuses if s.round == pending.round), None)
+    if status is None and instruction.round <= pending.round:
+        raise ValueError(
+            f"instruction for round {instruction.round} arrived while the reply of round {pending.round} is "
+            "pending and no status for it was sent"
+        )
+    sent = from_bytes(pending.payload, dim, device=state.residual.device).decode().to(state.residual.dtype)
+    if status is None or status.outcome == Outcome.LOST:
+        residual = state.residual + sent
+        report = BeginReport(folded_norm=float(sent.norm()), acked=acked, resolved=status)
+    else:
+        residual = state.residual
+        report = BeginReport(
+            removed_norm=status.removed_fraction() * float(sent.norm()), acked=acked, resolved=status
+        )
+    return state._replace(residual=residual, pending=None), report
+
+
+def worker_end(
+    algorithm: Algorithm,
+    state: WorkerState,
+    update: torch.Tensor,
+    *,
+    round: int,
+    rng: torch.Generator | None = None,
+    acked: int = -1,
+) -> tuple[WorkerReply, WorkerState]:
+    """Compress the local update with error feedback and remember the reply until its status arrives.
+
+    ``x = local_opt(u)`` (u itself without a local optimizer); ``payload = C(x + e)``;
+    ``e' = x + e - C(x + e)`` (Li et al., Algorithm 2, lines 5-6); with EF off, ``payload = C(x)`` and no memory.
+    """
+    x = update
+    local = state.local_opt
+    if algorithm.local_opt is not None:
+        if local is None or local.m.shape != update.shape:
+            local = algorithm.local_opt.init(update)
+        x, local = algorithm.local_opt.step(update, local)
+    residual = state.residual
+    if algorithm.error_feedback and (residual is None or residual.shape != x.shape):
+        residual = torch.zeros_like(x)
+    payload, residual = ef_step(algorithm.compressor, x, residual if algorithm.error_feedback else None, rng)
+    data = to_bytes(payload)
+    pending = Pending(round, data) if residual is not None else None
+    new_state = WorkerState(residual=residual, pending=pending, local_opt=local, rounds=state.rounds + 1)
+    return WorkerReply(round, data, acked), new_state
+
+
+# ----------------------------------------------------------------------------------------------- server
+def instruction_for(state: ServerState, label: str, round: int) -> Instruction:
+    """The statuses a client has not acknowledged yet, for the instruction of ``round``."""
+    return Instruction(round, tuple(state.unacked.get(label, ())))
+
+
+def server_step(
+    algorithm: Algorithm,
+    state: ServerState,
+    round: int,
+    replies: Sequence[ServerReply],
+    lost: Sequence[str] = (),
+) -> tuple[ServerState, StepReport]:
+    """One server round: acknowledge, bound, average, step, and answer every reply with a status.
+
+    ``replies`` are the valid replies of ``round``; ``lost`` the labels of clients that were sent an instruction
+    but gave no valid reply. ``g_bar = sum_i w_i f_i decode(p_i)`` over the replies that survive the bound
+    (``f_i`` = clip factor, ``w_i`` = uniform or by examples); ``theta_{t+1} = theta_t + delta(g_bar)`` (AMSGrad
+    by default). Below ``min_valid_replies`` surviving replies the model and the optimizer state do not change
+    and the replies count as lost (their workers fold them back).
+    """
+    replies = sorted(replies, key=lambda r: label_sort_key(r.label))  # summation order: labels, not arrival
+    unacked = {label: tuple(s) for label, s in state.unacked.items()}
+    for r in replies:  # a reply confirms the statuses it applied
+        kept = tuple(s for s in unacked.get(r.label, ()) if s.round > r.acked)
+        if kept:
+            unacked[r.label] = kept
+        else:
+            unacked.pop(r.label, None)
+    norms = {r.label: r.payload.norm() for r in replies}
+    factors = {r.label: algorithm.bound.factor(norms[r.label]) for r in replies}
+    statuses: dict[str, Status] = {}
+    survivors = [r for r in replies if factors[r.label] > 0]
+    for r in replies:
+        if factors[r.label] == 0:
+            statuses[r.label] = Status(round, Outcome.REJECTED, 0.0)
+    applied = len(survivors) >= algorithm.min_valid_replies
+    weights: dict[str, float] = {}
+    if applied:
+        base = aggregation_weights(algorithm.weighting, [r.num_examples for r in survivors])
+        weights = {r.label: w * factors[r.label] for r, w in zip(survivors, base, strict=True)}
+        state, _ = apply_round(
+            state, [r.payload for r in survivors], [weights[r.label] for r in survivors], algorithm.server_opt
+        )
+        for r in survivors:
+            statuses[r.label] = Status(round, Outcome.APPLIED, factors[r.label])
+    else:
+        for r in survivors:
+            statuses[r.label] = Status(round, Outcome.LOST, 0.0)
+    for label in lost:
+        statuses.setdefault(label, Status(round, Outcome.LOST, 0.0))
+    for label, status in statuses.items():
+        unacked[label] = (*unacked.get(label, ()), status)
+    state = state._replace(round=round, unacked=unacked)
+    return state, StepReport(statuses, applied, weights, norms)
