@@ -43,5 +43,5 @@ flwr run . compams-local --stream \
     --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1" \
     --run-config "out-dir='$OUT_DIR' run-name='$RUN_NAME'" "$@"
 # `flwr run` exits 0 even when the run failed: check the status and the results.
-python -m simulations.report_run "$OUT_DIR/$RUN_NAME" --status-json "$(flwr ls compams-local --format json)" \
+python -m simulations.report.run_status "$OUT_DIR/$RUN_NAME" --status-json "$(flwr ls compams-local --format json)" \
     --wall-s $(( $(date +%s) - START ))

@@ -1,9 +1,10 @@
-"""Tables, plots and a compact summary of one preset's sweep (pure functions of the run files).
+"""The report of one preset's sweep: tables, plots and a compact summary (pure functions of the run files).
 
 ``write_report(preset, ...)`` reads ``<runs>/<dataset>/<preset>/`` (or the ``source`` preset's runs), writes
 ``<out>/<dataset>/<preset>/README.md`` with the tables and the command that regenerates them, PNG plots, and
-``summary.json`` (per method and seed: the per-round accuracy, smoothed train loss and cumulative uplink bytes),
-small enough to commit.
+``summary.json`` (the table rows and, per method and seed, the per-round accuracy, training loss, cumulative
+uplink bytes and sigma_g^2), small enough to commit. Training-loss curves are smoothed with
+:data:`simulations.report.stats.SMOOTH_WINDOW`, the same window as the tables.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from simulations.plots import load_sweep, plot_curves, plot_xy
+from simulations.report.load import load_sweep
+from simulations.report.plots import plot_curves, plot_xy
+from simulations.report.stats import SMOOTH_WINDOW, add_smoothed, column_mean
+from simulations.report.tables import default_columns, mean_std, reached, summarize, to_markdown
 from simulations.sweep import load_preset
-from simulations.tables import default_columns, mean_std, reached, summarize, to_markdown
 
 
 def _sig(v: Any, digits: int = 5) -> Any:
@@ -37,18 +40,6 @@ def _compact(sweep) -> dict:
     return out
 
 
-def _smoothed(sweep, window: int):
-    """Add ``train_loss_smooth`` to every row: the trailing mean of the last ``window`` train losses."""
-    for seeds in sweep.values():
-        for rows in seeds:
-            recent: list[float] = []
-            for row in rows:
-                if row.get("train_loss") is not None:
-                    recent = [*recent[-(window - 1) :], row["train_loss"]]
-                row["train_loss_smooth"] = sum(recent) / len(recent) if recent else None
-    return sweep
-
-
 def _command(preset: str, dataset: str) -> str:
     extra = "" if dataset == "digits" else f" --dataset {dataset} --data-dir DATA_DIR"
     return f"fl-compams reproduce {preset}{extra}"
@@ -59,8 +50,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     meta = load_preset(preset).get("preset", {})
     source = meta.get("source", preset)
     sweep = load_sweep(Path(runs_root) / dataset / source)
-    window = 10
-    _smoothed(sweep, window)
+    loss_smooth = add_smoothed(sweep, "train_loss")
     out = Path(out_root) / dataset / preset
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(
@@ -85,14 +75,14 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     def curve(heading: str, file: str, y: str, title: str, x: str = "round", **kwargs) -> None:
         plots.append((heading, plot_curves(sweep, x=x, y=y, out_path=out / file, title=title, **kwargs)))
 
-    loss_title = f"train loss (mean of last {window} rounds)"
+    loss_title = f"train loss (mean of last {SMOOTH_WINDOW} rounds)"
     loss_style = {"ylabel": "training loss", "logy": True}
     if preset == "speedup":
         lines += _speedup(rows, meta)
         curve(
             "Training loss per round",
             "train_loss.png",
-            "train_loss_smooth",
+            loss_smooth,
             f"Top-k 0.01 + EF: {loss_title}",
             **loss_style,
         )
@@ -119,7 +109,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         curve(
             "Training loss per round",
             "train_loss_vs_round.png",
-            "train_loss_smooth",
+            loss_smooth,
             f"{preset}: {loss_title}",
             **loss_style,
         )
@@ -178,17 +168,7 @@ def _speedup(rows: list[dict], meta: dict) -> list[str]:
 
 
 def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]:
-    # sigma_g^2 of a run: the mean of its probed values; gap: full-precision accuracy minus the method's, same alpha
-    def sigma(key: str) -> float | None:
-        vals = [
-            r["sigma_g2"]
-            for seeds in [sweep[key]]
-            for rows_ in seeds
-            for r in rows_
-            if r.get("sigma_g2") is not None
-        ]
-        return sum(vals) / len(vals) if vals else None
-
+    # sigma_g^2 of a method: the mean of its probed values; gap: full-precision accuracy minus the method's, same split
     by_key = {r["method"]: r for r in rows}
     table, points = [], {}
     for r in rows:
@@ -198,7 +178,7 @@ def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]
         gap = None
         if ref and ref.get("final_accuracy_mean") is not None and r.get("final_accuracy_mean") is not None:
             gap = ref["final_accuracy_mean"] - r["final_accuracy_mean"]
-        s2 = sigma(r["method"])
+        s2 = column_mean(sweep[r["method"]], "sigma_g2")
         table.append({**r, "sigma_g2": s2, "gap": gap, "setting": setting})
         if label != "full-precision" and s2 is not None and gap is not None:
             xs, ys = points.setdefault(label, ([], []))

@@ -1,114 +1,46 @@
 """Summary tables of a sweep: per-method statistics over seeds and GitHub-markdown rendering.
 
-Pure functions of ``{key: [rows of each seed]}`` (see ``simulations.plots.load_sweep``); no matplotlib.
-Means are over seeds and standard deviations are sample standard deviations over seeds (``ddof=1``,
-``None`` with fewer than 2 seeds). Any value that cannot be computed is ``None``.
+Pure functions of ``{key: [rows of each seed]}`` (see :func:`simulations.report.load.load_sweep`) built on
+:mod:`simulations.report.stats`; no matplotlib. Means are over seeds and standard deviations are sample
+standard deviations over seeds (``ddof=1``, ``None`` with fewer than 2 seeds). Any value that cannot be
+computed is ``None``.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from simulations.report.load import parse_key
+from simulations.report.stats import (
+    SMOOTH_WINDOW,
+    at_budget,
+    finite,
+    first_reached,
+    sample_mean_std,
+    smoothed,
+    sorted_by_round,
+    theory_bytes_per_client,
+    uplink_bytes_per_client,
+)
+
 __all__ = [
     "REFERENCE_LABEL",
-    "SMOOTH_WINDOW",
+    "Column",
+    "Formatter",
     "default_columns",
     "fmt_bytes",
     "fmt_mean_std",
     "mean_std",
-    "parse_key",
     "reached",
-    "smoothed",
     "summarize",
     "to_markdown",
 ]
 
 #: Label of the uncompressed baseline that compression ratios are relative to.
 REFERENCE_LABEL = "full-precision"
-#: Trailing window (rounds) of the smoothed training loss used for the train-loss target.
-SMOOTH_WINDOW = 5
-
-_AXIS_DIR = re.compile(r"^(?P<axis>.+?)-(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
 
 Rows = Sequence[Mapping[str, Any]]
-
-
-def parse_key(key: str) -> tuple[str, str | None, str | None]:
-    """Split a sweep key into ``(method label, axis, value)``.
-
-    Parameters
-    ----------
-    key : str
-        ``"topk-0.01-ef"`` or ``"topk-0.01-ef/n-4"``.
-
-    Returns
-    -------
-    tuple
-        ``("topk-0.01-ef", None, None)`` or ``("topk-0.01-ef", "n", "4")``. A sub-directory name without a
-        trailing number gives ``(label, name, None)``.
-    """
-    label, _, sub = key.partition("/")
-    if not sub:
-        return label, None, None
-    m = _AXIS_DIR.match(sub)
-    if m:
-        return label, m["axis"], m["value"]
-    return label, sub, None
-
-
-def _num(v: Any) -> float | None:
-    """``v`` as a finite float, else ``None`` (bools are not numbers here)."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample std (``ddof=1``) of the non-``None`` values."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None
-    mean = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-
-
-def _pooled_mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _sorted(rows: Rows) -> list[Mapping[str, Any]]:
-    return sorted(rows, key=lambda r: r["round"])
-
-
-def smoothed(rows: Rows, column: str = "train_loss", window: int = SMOOTH_WINDOW) -> list[tuple[int, float]]:
-    """Trailing mean of ``column`` over the last ``window`` rounds that have a value.
-
-    Parameters
-    ----------
-    rows : sequence of mapping
-        Metrics rows of one seed.
-    column : str, default "train_loss"
-        Column to smooth; rows where it is ``None`` or missing (round 0) are skipped.
-    window : int, default 5
-        Window length; the first ``window - 1`` values average over the rounds available so far.
-
-    Returns
-    -------
-    list of (int, float)
-        ``(round, smoothed value)`` for every round with a value, in round order.
-    """
-    pts = [(r["round"], v) for r in _sorted(rows) if (v := _num(r.get(column))) is not None]
-    out = []
-    for i, (rnd, _) in enumerate(pts):
-        win = [v for _, v in pts[max(0, i - window + 1) : i + 1]]
-        out.append((rnd, sum(win) / len(win)))
-    return out
 
 
 def _reference_key(key: str, keys: Sequence[str], reference: str | None) -> str | None:
@@ -118,22 +50,6 @@ def _reference_key(key: str, keys: Sequence[str], reference: str | None) -> str 
     if sep and f"{reference}/{sub}" in keys:
         return f"{reference}/{sub}"
     return reference if reference in keys else None
-
-
-def _per_client_bytes(seeds: Sequence[Rows]) -> float | None:
-    return _pooled_mean(
-        [_num(r.get("uplink_bytes_per_client")) for rows in seeds for r in rows if r["round"] > 0]
-    )
-
-
-def _theory_per_client_bytes(seeds: Sequence[Rows]) -> float | None:
-    vals = []
-    for rows in seeds:
-        for r in rows:
-            bits, ok = _num(r.get("uplink_theory_bits")), _num(r.get("clients_ok"))
-            if r["round"] > 0 and bits is not None and ok:
-                vals.append(bits / 8.0 / ok)
-    return _pooled_mean(vals)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -158,7 +74,8 @@ def summarize(
         Test accuracy (a fraction, like the ``accuracy`` column) to reach.
     target_train_loss : float, optional
         Training loss to reach. A round reaches it when the **smoothed** training loss — the mean over a
-        trailing window of the last 5 rounds with a training loss (fewer at the start, see :func:`smoothed`)
+        trailing window of the last ``SMOOTH_WINDOW`` (5) rounds with a training loss (fewer at the start, see
+        :func:`simulations.report.stats.smoothed`)
         — is ``<= target_train_loss``. The raw per-round loss is the mean minibatch loss of that round's
         clients and too noisy to threshold.
     budget_bytes : float, optional
@@ -172,8 +89,8 @@ def summarize(
     list of dict
         Keys of each row (``*_mean``/``*_std`` are over seeds, ``std`` is ``None`` below 2 seeds):
 
-        - ``method`` (the sweep key), ``label``, ``axis``, ``axis_value`` (see :func:`parse_key`),
-          ``n_seeds``, ``rounds`` (last round, smallest over seeds);
+        - ``method`` (the sweep key), ``label``, ``axis``, ``axis_value`` (see
+          :func:`simulations.report.load.parse_key`), ``n_seeds``, ``rounds`` (last round, smallest over seeds);
         - ``final_accuracy_*`` (last round), ``best_accuracy_*`` (max over rounds >= 1);
         - ``final_train_loss_*`` (last round, raw) and ``final_train_loss_smooth_*`` (smoothed as above);
         - ``uplink_bytes_per_client`` — measured uplink bytes per client per round, the mean of
@@ -197,11 +114,11 @@ def summarize(
         All target and budget fields are ``None`` when the corresponding argument is ``None``.
     """
     keys = list(sweep)
-    per_client = {k: _per_client_bytes(sweep[k]) for k in keys}
-    theory = {k: _theory_per_client_bytes(sweep[k]) for k in keys}
+    per_client = {k: uplink_bytes_per_client(sweep[k]) for k in keys}
+    theory = {k: theory_bytes_per_client(sweep[k]) for k in keys}
     out = []
     for key in keys:
-        seeds = [_sorted(rows) for rows in sweep[key] if rows]
+        seeds = [sorted_by_round(rows) for rows in sweep[key] if rows]
         label, axis, value = parse_key(key)
         row: dict[str, Any] = {
             "method": key,
@@ -213,57 +130,57 @@ def summarize(
         }
 
         def put(name: str, values: Sequence[float | None], row: dict[str, Any] = row) -> None:
-            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(values)
+            row[f"{name}_mean"], row[f"{name}_std"] = sample_mean_std(values)
 
-        put("final_accuracy", [_num(rows[-1].get("accuracy")) for rows in seeds])
+        def last(column: str, seeds: list = seeds) -> list[float | None]:
+            return [finite(rows[-1].get(column)) for rows in seeds]
+
+        put("final_accuracy", last("accuracy"))
         put(
             "best_accuracy",
             [
                 max(
-                    (v for r in rows if r["round"] > 0 and (v := _num(r.get("accuracy"))) is not None),
+                    (v for r in rows if r["round"] > 0 and (v := finite(r.get("accuracy"))) is not None),
                     default=None,
                 )
                 for rows in seeds
             ],
         )
-        put("final_train_loss", [_num(rows[-1].get("train_loss")) for rows in seeds])
+        put("final_train_loss", last("train_loss"))
         smooth = [smoothed(rows) for rows in seeds]
         put("final_train_loss_smooth", [s[-1][1] if s else None for s in smooth])
         row["uplink_bytes_per_client"] = per_client[key]
-        put("uplink_bytes_total", [_num(rows[-1].get("uplink_bytes_cum")) for rows in seeds])
+        put("uplink_bytes_total", last("uplink_bytes_cum"))
         row["theory_bytes_per_client"] = theory[key]
         ref = _reference_key(key, keys, reference)
         row["reference"] = ref
         row["compression_ratio"] = _ratio(per_client.get(ref), per_client[key]) if ref else None
         row["compression_ratio_theory"] = _ratio(theory.get(ref), theory[key]) if ref else None
 
+        def to_target(name: str, target: float | None, hit_rows: list, row: dict[str, Any] = row) -> None:
+            # hit_rows: per seed, the first row at the target or None; means over the seeds that reached it
+            row[f"target_{name}"] = target
+            hits = [h for h in hit_rows if h is not None]
+            row[f"seeds_reached_{name}"] = len(hits) if target is not None else None
+            put(f"rounds_to_{name}", [float(h["round"]) for h in hits])
+            put(f"bytes_to_{name}", [finite(h.get("uplink_bytes_cum")) for h in hits])
+
         # Target accuracy.
-        row["target_accuracy"] = target_accuracy
-        hits: list[tuple[float, float | None]] = []
+        acc_hits = []
         if target_accuracy is not None:
-            for rows in seeds:
-                hit = next(
-                    (r for r in rows if (a := _num(r.get("accuracy"))) is not None and a >= target_accuracy),
-                    None,
-                )
-                if hit is not None:
-                    hits.append((float(hit["round"]), _num(hit.get("uplink_bytes_cum"))))
-        row["seeds_reached_accuracy"] = len(hits) if target_accuracy is not None else None
-        put("rounds_to_accuracy", [h[0] for h in hits])
-        put("bytes_to_accuracy", [h[1] for h in hits])
+            acc_hits = [
+                first_reached(((r, finite(r.get("accuracy"))) for r in rows), target_accuracy)
+                for rows in seeds
+            ]
+        to_target("accuracy", target_accuracy, acc_hits)
 
         # Target training loss (smoothed).
-        row["target_train_loss"] = target_train_loss
-        hits = []
+        loss_hits = []
         if target_train_loss is not None:
             for rows, s in zip(seeds, smooth, strict=True):
-                rnd = next((rd for rd, v in s if v <= target_train_loss), None)
-                if rnd is not None:
-                    hit_row = next(r for r in rows if r["round"] == rnd)
-                    hits.append((float(rnd), _num(hit_row.get("uplink_bytes_cum"))))
-        row["seeds_reached_train_loss"] = len(hits) if target_train_loss is not None else None
-        put("rounds_to_train_loss", [h[0] for h in hits])
-        put("bytes_to_train_loss", [h[1] for h in hits])
+                rnd = first_reached(s, target_train_loss, below=True)
+                loss_hits.append(None if rnd is None else next(r for r in rows if r["round"] == rnd))
+        to_target("train_loss", target_train_loss, loss_hits)
 
         # Accuracy at a byte budget.
         row["budget_bytes"] = budget_bytes
@@ -272,18 +189,14 @@ def summarize(
         spent = 0
         if budget_bytes is not None:
             for rows in seeds:
-                within = [
-                    r
-                    for r in rows
-                    if (b := _num(r.get("uplink_bytes_cum"))) is not None and b <= budget_bytes
-                ]
-                if within:
-                    accs.append(_num(within[-1].get("accuracy")))
-                    rnds.append(float(within[-1]["round"]))
-                final = _num(rows[-1].get("uplink_bytes_cum"))
+                within = at_budget(rows, budget_bytes)
+                if within is not None:
+                    accs.append(finite(within.get("accuracy")))
+                    rnds.append(float(within["round"]))
+                final = finite(rows[-1].get("uplink_bytes_cum"))
                 spent += int(final is not None and final >= budget_bytes)
         put("accuracy_at_budget", accs)
-        row["round_at_budget_mean"] = _mean_std(rnds)[0]
+        row["round_at_budget_mean"] = sample_mean_std(rnds)[0]
         row["seeds_spent_budget"] = spent if budget_bytes is not None else None
         out.append(row)
     return out
@@ -457,7 +370,7 @@ def default_columns(rows: Sequence[Mapping[str, Any]]) -> list[Column]:
         ("n_seeds", "seeds", "d"),
         ("final_accuracy", "final acc. (%)", mean_std(1, scale=100)),
         ("best_accuracy", "best acc. (%)", mean_std(1, scale=100)),
-        ("final_train_loss_smooth", "train loss (last 5)", mean_std(3)),
+        ("final_train_loss_smooth", f"train loss (last {SMOOTH_WINDOW})", mean_std(3)),
         ("uplink_bytes_per_client", "uplink B/client/round", ",.0f"),
         ("theory_bytes_per_client", "theory B/client/round", ",.0f"),
         ("uplink_bytes_total", "uplink total", mean_std(as_bytes=True)),

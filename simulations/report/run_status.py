@@ -1,4 +1,7 @@
-"""Summarise one run directory (and, for `flwr run`, the run status); exit non-zero if the run failed."""
+"""Summarise one run directory (and, for `flwr run`, the run status); exit non-zero if the run failed.
+
+python -m simulations.report.run_status RUN_DIR [--status-json "$(flwr ls CONN --format json)"] [--wall-s S]
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from strategies.results import read_metrics
+from simulations.report.load import has_metrics, read_rows
 
 
 def summary(run_dir: Path) -> dict:
     """Final accuracy, best accuracy, rounds and bytes of a run."""
-    rows = [r for r in read_metrics(run_dir) if r["round"] > 0]
+    rows = [r for r in read_rows(run_dir) if r["round"] > 0]
     if not rows:
         raise SystemExit(f"{run_dir}: no training rounds in metrics.jsonl")
     last = rows[-1]
@@ -32,7 +35,7 @@ def summary(run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--status-json", default="", help="output of `flwr ls <connection> --format json`")
     parser.add_argument("--wall-s", type=float, default=None, help="wall time of the whole command")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if latest and "failed" in str(latest.get("status", "")):
             print(f"flwr run failed: {json.dumps(latest)}", file=sys.stderr)
             return 1
-    if not (args.run_dir / "metrics.jsonl").exists():
+    if not has_metrics(args.run_dir):
         print(f"no results at {args.run_dir}: the run failed before writing them", file=sys.stderr)
         return 1
     info = summary(args.run_dir)

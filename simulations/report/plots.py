@@ -1,13 +1,8 @@
-"""Load a sweep of run directories and plot it (learning curves, x–y summaries).
+"""Plots of a sweep: learning curves (mean over seeds with a ± 1 std band) and x–y summaries.
 
-A sweep directory is laid out as::
-
-    <sweep_dir>/<method-label>/seed-<s>/            config.json, metrics.jsonl
-    <sweep_dir>/<method-label>/<axis>-<value>/seed-<s>/
-
-:func:`load_sweep` turns it into ``{key: [rows of seed s0, rows of seed s1, ...]}`` with ``key`` either
-``"<method-label>"`` or ``"<method-label>/<axis>-<value>"``. Everything else here is a pure function of that
-mapping (a plain ``dict`` built by hand works too).
+Inputs are ``{key: [rows of each seed]}`` (see :func:`simulations.report.load.load_sweep`); the curves are
+the means over seeds of :func:`simulations.report.stats.series_on_grid`. Styles use the Okabe–Ito
+colour-blind-safe palette, with a distinct marker and line style per series.
 
 Matplotlib is used through :class:`matplotlib.figure.Figure` and the Agg canvas only, never ``pyplot``, so
 importing this module needs no display and changes no global backend.
@@ -16,10 +11,8 @@ importing this module needs no display and changes no global backend.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,21 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 from PIL import Image
 
-from simulations.tables import _AXIS_DIR, parse_key
-from strategies.results import read_metrics
+from simulations.report.stats import series_on_grid
 
-__all__ = [
-    "LINESTYLES",
-    "MARKERS",
-    "OKABE_ITO",
-    "Sweep",
-    "load_sweep",
-    "parse_key",
-    "plot_curves",
-    "plot_xy",
-    "series_on_grid",
-    "style",
-]
+__all__ = ["LINESTYLES", "MARKERS", "OKABE_ITO", "plot_curves", "plot_xy", "style"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +47,6 @@ LINESTYLES: tuple[Any, ...] = (
 #: PNGs larger than this (bytes) are re-encoded with a 256-colour palette.
 _PALETTE_ABOVE = 100_000
 
-_SEED_DIR = re.compile(r"^seed-(\d+)$")
-
 _LABELS = {
     "round": "round",
     "accuracy": "test accuracy",
@@ -83,144 +62,6 @@ _LABELS = {
 }
 
 
-class Sweep(dict):
-    """``dict[key, list[list[row]]]`` returned by :func:`load_sweep`, plus what was loaded and skipped.
-
-    Attributes
-    ----------
-    skipped : list of tuple of (str, str)
-        ``(run directory, reason)`` for every seed directory that was not loaded.
-    seeds : dict of str to list of int
-        The seeds that were loaded for each key, in the order of the row lists.
-    run_dirs : dict of str to list of pathlib.Path
-        The run directory of each loaded seed, in the same order.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.skipped: list[tuple[str, str]] = []
-        self.seeds: dict[str, list[int]] = {}
-        self.run_dirs: dict[str, list[Path]] = {}
-
-
-def _read_rows(run_dir: Path) -> list[dict]:
-    return read_metrics(run_dir)
-
-
-def _natural_key(name: str) -> tuple:
-    """Sort ``n-4`` before ``n-16`` and ``alpha-0.05`` before ``alpha-0.1``."""
-    m = _AXIS_DIR.match(name)
-    if m:
-        return (0, m["axis"], float(m["value"]), name)
-    return (1, name, 0.0, name)
-
-
-def _load_seed(run_dir: Path, *, allow_incomplete: bool = False) -> tuple[list[dict] | None, str]:
-    """Rows of one seed directory sorted by round, or ``None`` and why it was skipped."""
-    if not (run_dir / "metrics.jsonl").is_file():
-        return None, "no metrics.jsonl"
-    try:
-        rows = _read_rows(run_dir)
-    except (OSError, UnicodeDecodeError) as e:
-        return None, f"unreadable metrics.jsonl: {e}"
-    by_round: dict[int, dict] = {}
-    for r in rows:
-        if isinstance(r, dict) and isinstance(r.get("round"), int):
-            by_round[r["round"]] = r  # a repeated round (resumed run) keeps its last row
-    rows = [by_round[k] for k in sorted(by_round)]
-    if not rows or rows[-1]["round"] < 1:
-        return None, "no training rounds in metrics.jsonl"
-    expected = None
-    cfg_path = run_dir / "config.json"
-    if cfg_path.is_file():
-        try:
-            expected = int(json.loads(cfg_path.read_text())["config"]["num-server-rounds"])
-        except (OSError, ValueError, KeyError, TypeError):
-            expected = None
-    if not allow_incomplete and expected is not None and rows[-1]["round"] < expected:
-        return None, f"incomplete: {rows[-1]['round']} of {expected} rounds"
-    return rows, ""
-
-
-def load_sweep(sweep_dir: Path | str, *, allow_incomplete: bool = False) -> Sweep:
-    """Load every ``seed-<s>`` run directory of a sweep.
-
-    Parameters
-    ----------
-    sweep_dir : path-like
-        Directory holding ``<label>/seed-<s>/`` and/or ``<label>/<axis>-<value>/seed-<s>/`` run directories.
-    allow_incomplete : bool, default False
-        Keep seeds that stopped early. By default a seed is skipped when its last round is below the
-        ``num-server-rounds`` of its ``config.json`` or below the last round of another seed of the same key.
-
-    Returns
-    -------
-    Sweep
-        ``{key: [rows of each seed, sorted by seed]}``; keys are ``"<label>"`` or ``"<label>/<axis>-<value>"``,
-        sorted by label and then by the numeric axis value. Rows of a seed are sorted by ``round`` (a repeated
-        round keeps its last row). Skipped seed directories (no ``metrics.jsonl``, no training round,
-        incomplete) are listed with the reason in ``.skipped`` and logged as warnings; keys whose seeds were
-        all skipped are absent.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``sweep_dir`` is not a directory.
-    """
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"sweep directory not found: {root}")
-    groups: dict[str, list[tuple[int, Path]]] = {}
-
-    def seed_dirs(d: Path) -> list[tuple[int, Path]]:
-        out = []
-        for c in d.iterdir():
-            m = _SEED_DIR.match(c.name)
-            if m and c.is_dir():
-                out.append((int(m[1]), c))
-        return sorted(out)
-
-    for label_dir in sorted(
-        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
-    ):
-        direct = seed_dirs(label_dir)
-        if direct:
-            groups[label_dir.name] = direct
-        subs = [c for c in label_dir.iterdir() if c.is_dir() and not c.name.startswith(".")]
-        for sub in sorted(subs, key=lambda p: _natural_key(p.name)):
-            if _SEED_DIR.match(sub.name):
-                continue
-            nested = seed_dirs(sub)
-            if nested:
-                groups[f"{label_dir.name}/{sub.name}"] = nested
-
-    sweep = Sweep()
-    for key, dirs in groups.items():
-        loaded: list[tuple[int, Path, list[dict]]] = []
-        for seed, run_dir in dirs:
-            rows, reason = _load_seed(run_dir, allow_incomplete=allow_incomplete)
-            if rows is None:
-                sweep.skipped.append((str(run_dir), reason))
-                continue
-            loaded.append((seed, run_dir, rows))
-        if loaded and not allow_incomplete:
-            last = max(rows[-1]["round"] for _, _, rows in loaded)
-            kept = []
-            for seed, run_dir, rows in loaded:
-                if rows[-1]["round"] < last:
-                    sweep.skipped.append((str(run_dir), f"incomplete: {rows[-1]['round']} of {last} rounds"))
-                else:
-                    kept.append((seed, run_dir, rows))
-            loaded = kept
-        if loaded:
-            sweep[key] = [rows for _, _, rows in loaded]
-            sweep.seeds[key] = [seed for seed, _, _ in loaded]
-            sweep.run_dirs[key] = [run_dir for _, run_dir, _ in loaded]
-    for run_dir, reason in sweep.skipped:
-        log.warning("skipped %s: %s", run_dir, reason)
-    return sweep
-
-
 def style(index: int) -> dict[str, Any]:
     """Colour, marker and line style of the ``index``-th series.
 
@@ -233,94 +74,6 @@ def style(index: int) -> dict[str, Any]:
         "marker": MARKERS[index % len(MARKERS)],
         "linestyle": LINESTYLES[index % len(LINESTYLES)],
     }
-
-
-def _points(rows: Sequence[Mapping], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` of the rows where both are present and finite."""
-    xs, ys = [], []
-    for r in rows:
-        xv, yv = r.get(x), r.get(y)
-        if (
-            isinstance(xv, int | float)
-            and isinstance(yv, int | float)
-            and math.isfinite(xv)
-            and math.isfinite(yv)
-        ):
-            xs.append(float(xv))
-            ys.append(float(yv))
-    return np.asarray(xs), np.asarray(ys)
-
-
-def series_on_grid(
-    seeds: Sequence[Sequence[Mapping]], *, x: str, y: str, positive_x: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and standard deviation over seeds of column ``y`` as a function of column ``x``.
-
-    Parameters
-    ----------
-    seeds : sequence of row lists
-        One list of metrics rows per seed.
-    x : str
-        ``"round"`` or a non-decreasing column such as ``"uplink_bytes_cum"``.
-    y : str
-        Any numeric column; rows where it is missing or ``None`` are ignored.
-    positive_x : bool, default False
-        Drop points with ``x <= 0`` first (for a log-scaled x axis).
-
-    Returns
-    -------
-    grid, mean, std : numpy.ndarray
-        ``std`` is the sample standard deviation (``ddof=1``) and is NaN where fewer than 2 seeds exist.
-
-    Notes
-    -----
-    For ``x == "round"`` the grid is the rounds at which every seed has a value of ``y``.
-
-    For any other ``x`` the seeds are put on a common grid: the union of all seeds' x values inside the
-    range that every seed covers (from the largest first x to the smallest last x, no extrapolation). Each
-    seed's value at a grid point is its ``y`` at its **last round with x <= the grid point** — the model
-    that seed had after spending that many bytes (the same rule as ``tables.summarize``'s accuracy at a
-    budget). When all seeds have identical byte counts this is exactly the per-round mean.
-    """
-    per_seed = []
-    for rows in seeds:
-        xs, ys = _points(rows, x, y)
-        if x == "round":
-            order = np.argsort(xs, kind="stable")
-            xs, ys = xs[order], ys[order]
-        if positive_x:
-            keep = xs > 0
-            xs, ys = xs[keep], ys[keep]
-        if xs.size == 0:
-            return np.empty(0), np.empty(0), np.empty(0)
-        per_seed.append((xs, ys))
-    if not per_seed:
-        return np.empty(0), np.empty(0), np.empty(0)
-
-    if x == "round":
-        common = set(per_seed[0][0].tolist())
-        for xs, _ in per_seed[1:]:
-            common &= set(xs.tolist())
-        grid = np.array(sorted(common), dtype=float)
-        values = np.stack([ys[np.searchsorted(xs, grid)] for xs, ys in per_seed]) if grid.size else None
-    else:
-        for xs, _ in per_seed:
-            if np.any(np.diff(xs) < 0):
-                raise ValueError(f"column {x!r} is not non-decreasing over rounds; cannot use it as x")
-        lo = max(xs[0] for xs, _ in per_seed)
-        hi = min(xs[-1] for xs, _ in per_seed)
-        allx = np.unique(np.concatenate([xs for xs, _ in per_seed]))
-        grid = allx[(allx >= lo) & (allx <= hi)]
-        values = (
-            np.stack([ys[np.searchsorted(xs, grid, side="right") - 1] for xs, ys in per_seed])
-            if grid.size
-            else None
-        )
-    if values is None:
-        return np.empty(0), np.empty(0), np.empty(0)
-    mean = values.mean(axis=0)
-    std = values.std(axis=0, ddof=1) if values.shape[0] >= 2 else np.full(grid.shape, np.nan)
-    return grid, mean, std
 
 
 def _markevery(n: int, index: int, count: int = 8) -> tuple[int, int] | None:
@@ -386,7 +139,7 @@ def plot_curves(
     Parameters
     ----------
     sweep : mapping
-        ``{key: [rows of each seed]}`` as returned by :func:`load_sweep`.
+        ``{key: [rows of each seed]}`` as returned by :func:`simulations.report.load.load_sweep`.
     x : str
         ``"round"`` or a cumulative column such as ``"uplink_bytes_cum"``. For a column other than ``round``
         each seed is evaluated on a common grid at its last round with x <= the grid point (see

@@ -1,0 +1,89 @@
+"""simulations.report.write: a preset's report from result files; tables and plots smooth alike."""
+
+import json
+
+import numpy as np
+import pytest
+
+import simulations.report.plots as plots
+import simulations.report.write as write
+from simulations.report import write_report
+from simulations.report.stats import SMOOTH_WINDOW, smoothed
+from simulations.sweep import is_complete, plan_runs
+
+
+def _fake_run(run_dir, rounds, acc_per_round, bytes_per_round):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config": {"num-server-rounds": rounds}}))
+    rows = []
+    for t in range(rounds + 1):
+        rows.append(
+            {
+                "round": t,
+                "accuracy": min(1.0, 0.1 + acc_per_round * t),
+                "loss": 2.0 / (t + 1),
+                "train_loss": None if t == 0 else 2.0 / t,
+                "uplink_bytes": 0 if t == 0 else bytes_per_round,
+                "uplink_bytes_cum": bytes_per_round * t,
+                "uplink_bytes_per_client": bytes_per_round / 2,
+                "uplink_theory_bits": 8 * bytes_per_round,
+                "clients_ok": 0 if t == 0 else 2,
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "model.npz").write_bytes(b"")
+
+
+def test_report_from_fake_result_files(tmp_path):
+    runs = plan_runs("accuracy-vs-bits", out=tmp_path / "runs", seeds=[0, 1], rounds=4)
+    for r in runs:
+        if r.key in ("full-precision", "topk-0.01-ef"):
+            dense = r.key == "full-precision"
+            _fake_run(r.run_dir, 4, 0.25 if dense else 0.2, 1000 if dense else 20)
+    done = [r for r in runs if is_complete(r)]
+    assert {r.key for r in done} == {"full-precision", "topk-0.01-ef"} and len(done) == 4
+    readme = write_report("accuracy-vs-bits", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    text = readme.read_text()
+    assert "| topk-0.01-ef | 2 |" in text and "50.0" in text  # 1000 / 20 bytes: the ratio vs full precision
+    assert (readme.parent / "accuracy_vs_uplink_bytes.png").stat().st_size > 1000
+    summary = json.loads((readme.parent / "summary.json").read_text())
+    assert set(summary["curves"]) == {"full-precision", "topk-0.01-ef"}
+
+
+def test_plot_and_table_use_the_same_smoothed_train_loss(tmp_path, monkeypatch):
+    # The train-loss curve a report draws is, round by round, the mean over seeds of the smoothed series the
+    # table reports; its last point is the table's final smoothed loss and the title names the same window.
+    runs = plan_runs("speedup", out=tmp_path / "runs", seeds=[0, 1], rounds=12)
+    for r in runs:
+        if r.key == "topk-0.01-ef/n-2":
+            _fake_run(r.run_dir, 12, 0.05, 20)
+            rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+            for row in rows[1:]:  # a noisy loss, different per seed, so the window matters
+                row["train_loss"] = 2.0 / row["round"] + 0.3 * ((row["round"] * (r.seed + 3)) % 4)
+            (r.run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    drawn, titles = [], []
+    real_grid, real_plot = plots.series_on_grid, write.plot_curves
+
+    def spy_grid(seeds, *, x, y, positive_x=False):
+        out = real_grid(seeds, x=x, y=y, positive_x=positive_x)
+        drawn.append((y, seeds, out))
+        return out
+
+    def spy_plot(*args, **kwargs):
+        titles.append(kwargs["title"])
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "series_on_grid", spy_grid)
+    monkeypatch.setattr(write, "plot_curves", spy_plot)
+    readme = write_report("speedup", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    (table_row,) = json.loads((readme.parent / "summary.json").read_text())["table"]
+    ((y, seeds, (grid, mean, _)),) = drawn
+    assert y == "train_loss_smooth"
+    per_seed = [dict(smoothed(rows)) for rows in seeds]
+    assert grid.tolist() == list(range(1, 13))
+    np.testing.assert_allclose(mean, [np.mean([s[int(rd)] for s in per_seed]) for rd in grid])
+    assert mean[-1] == pytest.approx(table_row["final_train_loss_smooth_mean"])
+    raw_mean = np.mean([[r["train_loss"] for r in rows[1:]] for rows in seeds], axis=0)
+    assert not np.allclose(mean, raw_mean)  # it is smoothed
+    (title,) = titles
+    assert f"mean of last {SMOOTH_WINDOW} rounds" in title
