@@ -3,7 +3,8 @@
 Layout (little endian)::
 
     header  magic "CAMS" | version u8 | kind u8 | value dtype u8 | index coding u8 | dim u32      (12 bytes)
-    body    IDENTITY   values[dim]
+    body    written and read by the payload class registered for the kind byte; the built-ins:
+            IDENTITY   values[dim]
             TOPK/RANDK/MVSS  nnz u32 | indices | values[nnz]
             BLOCKSIGN  n_blocks u32 | block sizes u32[n_blocks] | scales f32[n_blocks] | signs ceil(dim/8)
             SIGNTOPK   nnz u32 | indices | scale f32 | signs ceil(nnz/8)
@@ -13,33 +14,41 @@ Layout (little endian)::
     values   float32 or float16 (the header's value dtype); signs are packed bits, 1 = non-negative.
     magnitudes  QSGD levels in {0..s}, bit-packed at bit_length(s) bits each.
 
-:func:`from_bytes` checks the header and every count against the expected dimension before it reads or
-allocates anything sized by the data, then checks the content (index range and order, finite values, level
-range, zero padding bits) and raises :class:`PayloadError` naming what was expected and what was found.
+The codec owns the header and the primitives (:class:`Writer`, :class:`Reader`: counts, finite numbers, packed
+bits, indices); each payload class owns its body (``write_body`` / ``read_body``) and the registry in
+:mod:`fl_compams.compressors.base` maps the kind byte to it. :func:`from_bytes` checks the header and every
+count against the expected dimension before it reads or allocates anything sized by the data, then checks
+the content (index range and order, finite values, level range, zero padding bits) and raises
+:class:`PayloadError` naming what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from fl_compams.bits import pack_uint, unpack_uint
-from fl_compams.errors import PayloadError
-from fl_compams.payloads import (
+from fl_compams.compressors.base import (
     INDEX_CODINGS,
-    SPARSE_KINDS,
-    BlockSignPayload,
-    DensePayload,
-    Kind,
     Payload,
-    QSGDPayload,
-    SignSparsePayload,
-    SparsePayload,
+    compressor_of_kind,
+    kind_name,
+    registered_kinds,
 )
+from fl_compams.errors import PayloadError
 
-__all__ = ["FORMAT_VERSION", "HEADER_SIZE", "MAGIC", "from_bytes", "max_encoded_size", "to_bytes"]
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "MAGIC",
+    "Reader",
+    "Writer",
+    "from_bytes",
+    "max_encoded_size",
+    "to_bytes",
+]
 
 MAGIC = b"CAMS"
 FORMAT_VERSION = 1
@@ -50,58 +59,63 @@ _MAX_DIM = 2**32 - 1
 
 _VALUE_DTYPES = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 _VALUE_CODES = {torch.float32: 0, torch.float16: 1}
-_TORCH_OF = {0: torch.float32, 1: torch.float16}
 _INDEX_CODES = {name: i for i, name in enumerate(INDEX_CODINGS)}
 _F32 = np.dtype("<f4")
 _U32_DT = np.dtype("<u4")
+_U8 = np.dtype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- encoding
+class Writer:
+    """Collects a body's parts; ``values`` and ``indices`` also set the header's dtype and coding bytes."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.value_code = 0
+        self.index_code = 0
+
+    def u32(self, value: int) -> None:
+        """One little-endian uint32."""
+        self.parts.append(_U32.pack(value))
+
+    def u32_array(self, values: Sequence[int]) -> None:
+        """Little-endian uint32s."""
+        self.parts.append(np.asarray(values, dtype=_U32_DT).tobytes())
+
+    def values(self, values: torch.Tensor) -> None:
+        """Finite float32 or float16 values; their dtype goes into the header."""
+        self.value_code = _value_code(values)
+        self.parts.append(_values_bytes(values))
+
+    def f32(self, values: torch.Tensor) -> None:
+        """Finite numbers as float32 (scales, norms); the header is not involved."""
+        self.parts.append(_values_bytes(values.float()))
+
+    def indices(self, indices: torch.Tensor, coding: str) -> None:
+        """Strictly increasing indices in the given coding (which goes into the header)."""
+        self.index_code = _index_code(coding)
+        self.parts.append(_indices_bytes(indices, coding))
+
+    def raw(self, data: torch.Tensor | np.ndarray) -> None:
+        """Bytes as they are (packed bits)."""
+        arr = _cpu_numpy(data) if isinstance(data, torch.Tensor) else data
+        self.parts.append(arr.tobytes())
+
+
 def to_bytes(payload: Payload) -> bytes:
     """Serialise a payload (moved to the CPU) into the versioned wire format."""
-    kind = Kind(payload.kind)
-    value_code, index_code = 0, 0
-    if kind == Kind.IDENTITY:
-        value_code = _value_code(payload.values)
-        body = [_values_bytes(payload.values)]
-    elif kind in SPARSE_KINDS:
-        value_code = _value_code(payload.values)
-        index_code = _index_code(payload.index_coding)
-        body = [
-            _U32.pack(payload.indices.numel()),
-            _indices_bytes(payload.indices, payload.index_coding),
-            _values_bytes(payload.values),
-        ]
-    elif kind == Kind.BLOCKSIGN:
-        body = [
-            _U32.pack(len(payload.block_sizes)),
-            np.asarray(payload.block_sizes, dtype=_U32_DT).tobytes(),
-            _values_bytes(payload.scales.float()),
-            _cpu_numpy(payload.signs).tobytes(),
-        ]
-    elif kind == Kind.SIGNTOPK:
-        index_code = _index_code(payload.index_coding)
-        body = [
-            _U32.pack(payload.indices.numel()),
-            _indices_bytes(payload.indices, payload.index_coding),
-            _values_bytes(payload.scale.float().reshape(1)),
-            _cpu_numpy(payload.signs).tobytes(),
-        ]
-    elif kind == Kind.QSGD:
-        width = payload.levels.bit_length()
-        body = [
-            _U32.pack(payload.levels),
-            _U32.pack(payload.bucket_size),
-            _values_bytes(payload.norms.float()),
-            _cpu_numpy(payload.signs).tobytes(),
-            pack_uint(_cpu_numpy(payload.magnitudes), width).tobytes(),
-        ]
-    else:  # pragma: no cover - Kind is closed
-        raise PayloadError(f"cannot serialise payload kind {kind!r}")
+    cls = compressor_of_kind(payload.kind)
+    if cls is None or not isinstance(payload, cls.payload_type):
+        expected = "an unregistered kind" if cls is None else cls.payload_type.__name__
+        raise PayloadError(
+            f"cannot serialise payload kind {payload.kind!r}: expected {expected}, got {type(payload).__name__}"
+        )
+    w = Writer()
+    payload.write_body(w)
     if not 0 < payload.dim <= _MAX_DIM:
         raise PayloadError(f"dimension must be in [1, {_MAX_DIM}], got {payload.dim}")
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), value_code, index_code, payload.dim)
-    return b"".join([header, *body])
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, int(payload.kind), w.value_code, w.index_code, payload.dim)
+    return b"".join([header, *w.parts])
 
 
 def _cpu_numpy(t: torch.Tensor) -> np.ndarray:
@@ -161,18 +175,27 @@ def max_encoded_size(dim: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-class _Reader:
-    """Cursor over the body that only hands out views after checking the bytes are there."""
+class Reader:
+    """Cursor over the body that only hands out data after checking the bytes are there.
 
-    def __init__(self, data: bytes, offset: int) -> None:
+    ``value_dtype`` and ``index_coding`` come from the (already validated) header. The checked readers
+    (``count``, ``values``, ``f32``, ``bits``, ``indices``) raise :class:`PayloadError` naming what was
+    expected and what was found, and return owned, writable, native-endian tensors.
+    """
+
+    def __init__(self, data: bytes, offset: int, value_dtype: np.dtype = _F32, index_coding: str = "int32"):
         self.data = memoryview(data)
         self.offset = offset
+        self.value_dtype = value_dtype
+        self.index_coding = index_coding
 
     @property
     def remaining(self) -> int:
+        """Bytes not read yet."""
         return len(self.data) - self.offset
 
     def need(self, n: int, what: str) -> None:
+        """Fail unless ``n`` more bytes are there."""
         if n > self.remaining:
             raise PayloadError(
                 f"truncated payload: {what} needs {n} more bytes, only {self.remaining} left "
@@ -180,19 +203,71 @@ class _Reader:
             )
 
     def u32(self, what: str) -> int:
+        """One little-endian uint32."""
         self.need(4, what)
         (value,) = _U32.unpack_from(self.data, self.offset)
         self.offset += 4
         return value
 
     def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        """A read-only numpy view of ``count`` items."""
         n = dtype.itemsize * count
         self.need(n, what)
         arr = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.offset)
         self.offset += n
         return arr
 
+    def count(self, what: str, dim: int, minimum: int = 0) -> int:
+        """A uint32 count in ``[minimum, dim]``."""
+        value = self.u32(what)
+        if not minimum <= value <= dim:
+            raise PayloadError(f"{what} must be in [{minimum}, {dim}] for dimension {dim}, got {value}")
+        return value
+
+    def values(self, count: int) -> torch.Tensor:
+        """``count`` finite values of the header's value dtype."""
+        return _tensor(_finite(self.array(self.value_dtype, count, "values"), "values"))
+
+    def f32(self, count: int, what: str) -> torch.Tensor:
+        """``count`` finite float32 numbers."""
+        return _tensor(_finite(self.array(_F32, count, what), what))
+
+    def bits(self, n_bits: int, what: str) -> torch.Tensor:
+        """``ceil(n_bits / 8)`` packed bytes whose padding bits are zero."""
+        packed = self.array(_U8, (n_bits + 7) // 8, what)
+        pad = (-n_bits) % 8
+        if pad and packed[-1] & ((1 << pad) - 1):
+            raise PayloadError(f"{what}: the {pad} padding bits of the last byte must be zero")
+        return _tensor(packed)
+
+    def indices(self, nnz: int, dim: int) -> torch.Tensor:
+        """``nnz`` strictly increasing int64 indices below ``dim`` in the header's index coding."""
+        if self.index_coding == "int32":
+            idx = self.array(_U32_DT, nnz, "indices").astype(np.int64)
+            if nnz:
+                steps = np.diff(idx)
+                if np.any(steps == 0):
+                    dup = int(idx[1:][steps == 0][0])
+                    raise PayloadError(f"duplicate index {dup}: indices must be strictly increasing")
+                if np.any(steps < 0):
+                    pos = int(np.flatnonzero(steps < 0)[0]) + 1
+                    raise PayloadError(
+                        f"unsorted indices at position {pos}: indices must be strictly increasing"
+                    )
+        else:
+            n_bytes = self.u32("index stream length")
+            if not nnz <= n_bytes <= 5 * nnz:
+                raise PayloadError(
+                    f"varint index stream of {nnz} indices must take [{nnz}, {5 * nnz}] bytes, got {n_bytes}"
+                )
+            gaps = _varint_decode(self.array(_U8, n_bytes, "index stream"), nnz)
+            idx = np.cumsum(gaps + 1) - 1  # gaps are >= 0, so indices are strictly increasing by construction
+        if nnz and idx[-1] >= dim:
+            raise PayloadError(f"index out of range: expected < {dim}, got {int(idx.max())}")
+        return torch.from_numpy(idx.astype(np.int64, copy=False))
+
     def finish(self) -> None:
+        """Fail if bytes are left over."""
         if self.remaining:
             raise PayloadError(
                 f"trailing bytes: payload should end at byte {self.offset} but has {len(self.data)} bytes"
@@ -203,7 +278,7 @@ def from_bytes(
     data: bytes | bytearray | memoryview,
     expected_dim: int,
     *,
-    expected_kind: Kind | None = None,
+    expected_kind: int | None = None,
     device: torch.device | str = "cpu",
 ) -> Payload:
     """Parse and validate a payload for a model of ``expected_dim`` parameters.
@@ -230,73 +305,29 @@ def from_bytes(
         raise PayloadError(f"bad magic: expected {MAGIC!r}, got {bytes(magic)!r} (not a COMP-AMS payload)")
     if version != FORMAT_VERSION:
         raise PayloadError(f"unsupported format version: expected {FORMAT_VERSION}, got {version}")
-    try:
-        kind = Kind(kind_code)
-    except ValueError:
-        raise PayloadError(f"unknown payload kind {kind_code}; known: {[int(k) for k in Kind]}") from None
+    cls = compressor_of_kind(kind_code)
+    if cls is None:
+        raise PayloadError(f"unknown payload kind {kind_code}; known: {registered_kinds()}")
+    kind = cls.kind
     if expected_kind is not None and kind != expected_kind:
-        raise PayloadError(f"wrong payload kind: expected {Kind(expected_kind).name}, got {kind.name}")
+        raise PayloadError(f"wrong payload kind: expected {kind_name(expected_kind)}, got {kind_name(kind)}")
     if dim != expected_dim:
         raise PayloadError(f"dimension mismatch: expected {expected_dim}, got {dim}")
     if value_code not in _VALUE_DTYPES:
         raise PayloadError(f"unknown value dtype code {value_code}; known: {sorted(_VALUE_DTYPES)}")
     if index_code >= len(INDEX_CODINGS):
         raise PayloadError(f"unknown index coding {index_code}; known: {list(range(len(INDEX_CODINGS)))}")
-    if kind not in (Kind.IDENTITY, *SPARSE_KINDS) and value_code != 0:
-        raise PayloadError(f"{kind.name} payloads carry float32 scales; got value dtype code {value_code}")
-    if kind not in (Kind.SIGNTOPK, *SPARSE_KINDS) and index_code != 0:
-        raise PayloadError(f"{kind.name} payloads have no indices; got index coding code {index_code}")
-    reader = _Reader(data, HEADER_SIZE)
-    value_dtype = _VALUE_DTYPES[value_code]
-    coding = INDEX_CODINGS[index_code]
-
-    if kind == Kind.IDENTITY:
-        values = _finite(reader.array(value_dtype, dim, "values"), "values")
-        payload: Payload = DensePayload(dim, _tensor(values))
-    elif kind in SPARSE_KINDS:
-        nnz = _count(reader.u32("nnz"), dim, "nnz")
-        indices = _read_indices(reader, nnz, dim, coding)
-        values = _finite(reader.array(value_dtype, nnz, "values"), "values")
-        payload = SparsePayload(kind, dim, indices, _tensor(values), coding)
-    elif kind == Kind.BLOCKSIGN:
-        n_blocks = _count(reader.u32("n_blocks"), dim, "n_blocks", minimum=1)
-        sizes = reader.array(_U32_DT, n_blocks, "block sizes")
-        if sizes.min() < 1 or int(sizes.sum(dtype=np.int64)) != dim:
-            raise PayloadError(
-                f"block sizes must be positive and sum to the dimension {dim}; got sum "
-                f"{int(sizes.sum(dtype=np.int64))}, min {int(sizes.min())}"
-            )
-        scales = _finite(reader.array(_F32, n_blocks, "scales"), "scales")
-        if np.any(scales < 0):
-            raise PayloadError("block scales must be >= 0 (they are mean absolute values)")
-        signs = _packed_bits(reader, dim, "signs")
-        payload = BlockSignPayload(dim, tuple(int(s) for s in sizes), _tensor(scales), _tensor(signs))
-    elif kind == Kind.SIGNTOPK:
-        nnz = _count(reader.u32("nnz"), dim, "nnz")
-        indices = _read_indices(reader, nnz, dim, coding)
-        scale = _finite(reader.array(_F32, 1, "scale"), "scale")
-        if scale[0] < 0:
-            raise PayloadError(f"sign-top-k scale must be >= 0, got {scale[0]}")
-        signs = _packed_bits(reader, nnz, "signs")
-        payload = SignSparsePayload(dim, indices, _tensor(scale).reshape(()), _tensor(signs), coding)
-    else:  # QSGD
-        levels = reader.u32("levels")
-        if not 1 <= levels <= 2**15:
-            raise PayloadError(f"QSGD levels must be in [1, 32768], got {levels}")
-        bucket = _count(reader.u32("bucket size"), dim, "bucket size", minimum=1)
-        n_buckets = -(-dim // bucket)
-        norms = _finite(reader.array(_F32, n_buckets, "norms"), "norms")
-        if np.any(norms < 0):
-            raise PayloadError("QSGD bucket norms must be >= 0")
-        signs = _packed_bits(reader, dim, "signs")
-        width = levels.bit_length()
-        packed = _packed_bits(reader, dim * width, "magnitudes")
-        magnitudes = unpack_uint(packed, dim, width)
-        if magnitudes.max(initial=0) > levels:
-            raise PayloadError(f"QSGD magnitude {int(magnitudes.max())} exceeds the {levels} levels")
-        payload = QSGDPayload(
-            dim, levels, bucket, _tensor(norms), _tensor(signs), torch.from_numpy(magnitudes.astype(np.int32))
+    body = cls.payload_type
+    if not body.wire_values and value_code != 0:
+        raise PayloadError(
+            f"{kind_name(kind)} payloads carry float32 numbers only: expected value dtype code 0, got {value_code}"
         )
+    if not body.wire_indices and index_code != 0:
+        raise PayloadError(
+            f"{kind_name(kind)} payloads have no indices: expected index coding code 0, got {index_code}"
+        )
+    reader = Reader(data, HEADER_SIZE, _VALUE_DTYPES[value_code], INDEX_CODINGS[index_code])
+    payload = body.read_body(reader, kind, dim)
     reader.finish()
     return payload if torch.device(device).type == "cpu" else payload.to(device)
 
@@ -306,49 +337,11 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
 
 
-def _count(value: int, dim: int, what: str, minimum: int = 0) -> int:
-    if not minimum <= value <= dim:
-        raise PayloadError(f"{what} must be in [{minimum}, {dim}] for dimension {dim}, got {value}")
-    return value
-
-
 def _finite(arr: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise PayloadError(f"non-finite {what}: element {bad} is {arr[bad]}")
     return arr
-
-
-def _packed_bits(reader: _Reader, n_bits: int, what: str) -> np.ndarray:
-    packed = reader.array(np.dtype(np.uint8), (n_bits + 7) // 8, what)
-    pad = (-n_bits) % 8
-    if pad and packed[-1] & ((1 << pad) - 1):
-        raise PayloadError(f"{what}: the {pad} padding bits of the last byte must be zero")
-    return packed
-
-
-def _read_indices(reader: _Reader, nnz: int, dim: int, coding: str) -> torch.Tensor:
-    if coding == "int32":
-        idx = reader.array(_U32_DT, nnz, "indices").astype(np.int64)
-        if nnz:
-            steps = np.diff(idx)
-            if np.any(steps == 0):
-                dup = int(idx[1:][steps == 0][0])
-                raise PayloadError(f"duplicate index {dup}: indices must be strictly increasing")
-            if np.any(steps < 0):
-                pos = int(np.flatnonzero(steps < 0)[0]) + 1
-                raise PayloadError(f"unsorted indices at position {pos}: indices must be strictly increasing")
-    else:
-        n_bytes = reader.u32("index stream length")
-        if not nnz <= n_bytes <= 5 * nnz:
-            raise PayloadError(
-                f"varint index stream of {nnz} indices must take [{nnz}, {5 * nnz}] bytes, got {n_bytes}"
-            )
-        gaps = _varint_decode(reader.array(np.dtype(np.uint8), n_bytes, "index stream"), nnz)
-        idx = np.cumsum(gaps + 1) - 1  # gaps are >= 0, so indices are strictly increasing by construction
-    if nnz and idx[-1] >= dim:
-        raise PayloadError(f"index out of range: expected < {dim}, got {int(idx.max())}")
-    return torch.from_numpy(idx.astype(np.int64, copy=False))
 
 
 def _varint_decode(stream: np.ndarray, count: int) -> np.ndarray:

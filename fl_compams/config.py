@@ -1,28 +1,42 @@
-"""The run configuration: every key, its default, its type and its allowed values, in one table.
+"""The run configuration: every key, its default, its type and its allowed values.
 
-Flower hands the ServerApp and ClientApp a flat kebab-case mapping (``context.run_config``, from
-``[tool.flwr.app.config]`` plus ``--run-config`` overrides). :func:`parse_config` is the one place that turns it
-into frozen dataclasses: it fills defaults, rejects unknown keys, wrong types and out-of-range values with a
-message naming the key and what is allowed. ``pyproject.toml`` lists the same defaults (a test keeps the two
-in step).
+The general keys are declared here; each registered compressor declares its own (in its module, see
+:mod:`fl_compams.compressors.base`), and :func:`schema` puts them together at each call. Flower hands the
+ServerApp and ClientApp a flat kebab-case mapping (``context.run_config``, from ``[tool.flwr.app.config]``
+plus ``--run-config`` overrides). :func:`parse_config` is the one place that turns it into frozen dataclasses:
+it fills defaults, rejects unknown keys, wrong types and out-of-range values with a message naming the key and
+what is allowed. ``pyproject.toml`` lists the same defaults (``scripts/sync_config.py`` writes them; a test
+keeps the two in step).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fl_compams.aggregate import WEIGHTINGS
 from fl_compams.algorithm import ALGORITHMS as COMPOSITIONS
 from fl_compams.algorithm import Algorithm, ReplyBound
 from fl_compams.client_opt import LocalAdam
-from fl_compams.compressors import COMPRESSORS, VALUE_DTYPES, Compressor, make_compressor
+from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
 from fl_compams.errors import ConfigError
-from fl_compams.payloads import INDEX_CODINGS
+from fl_compams.schema import (
+    ANY_STR,
+    BETA,
+    BOOL,
+    NONNEG_FLOAT,
+    NONNEG_INT,
+    POS_FLOAT,
+    POS_INT,
+    UNIT_OPEN,
+    Key,
+    choice,
+    key,
+)
 from fl_compams.server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
 
 __all__ = [
@@ -36,8 +50,10 @@ __all__ = [
     "build_algorithm",
     "build_compressor",
     "build_server_optimizer",
+    "client_keys",
     "default_config",
     "parse_config",
+    "schema",
 ]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
@@ -47,147 +63,151 @@ DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = tuple(COMPOSITIONS)  # fl_compams.algorithm.ALGORITHMS: the one registry of named compositions
 
 
-@dataclass(frozen=True)
-class Key:
-    """One configuration key: default, type, validity check and its one-line help."""
+_S = "server"  # side of the keys only the server reads; the others are client keys (Key's default)
 
-    name: str
-    default: Any
-    check: Callable[[Any], bool]
-    allowed: str
-    help: str
-
-    @property
-    def kind(self) -> type:
-        return type(self.default)
-
-
-def _choice(options: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-    def check(v: float) -> bool:
-        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi) and math.isfinite(v)
-
-    lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-    return check, f"a number in {lb}{lo}, {hi}{rb}"
-
-
-def _key(name: str, default: Any, rule: tuple[Callable[[Any], bool], str], help: str) -> Key:
-    return Key(name, default, rule[0], rule[1], help)
-
-
-_ANY_STR = ((lambda v: True), "any string")
-_BOOL = ((lambda v: True), "true or false")
-_POS_INT = ((lambda v: v >= 1), "an integer >= 1")
-_NONNEG_INT = ((lambda v: v >= 0), "an integer >= 0")
-_POS_FLOAT = ((lambda v: v > 0 and math.isfinite(v)), "a finite number > 0")
-_NONNEG_FLOAT = ((lambda v: v >= 0 and math.isfinite(v)), "a finite number >= 0")
-_UNIT_OPEN = _range(0.0, 1.0, lo_open=True)
-_BETA = _range(0.0, 1.0, hi_open=True)
-
-#: Every run-config key, in the order pyproject.toml lists them.
-SCHEMA: tuple[Key, ...] = (
-    # --- federation
-    _key("num-server-rounds", 60, _POS_INT, "number of federated rounds T"),
-    _key("fraction-train", 1.0, _UNIT_OPEN, "fraction of connected nodes sampled for training each round"),
-    _key("min-train-nodes", 1, _POS_INT, "at least this many nodes train each round"),
-    _key("seed", 0, _NONNEG_INT, "seed of every random choice (data split, sampling, init, compressors)"),
-    _key(
+# General keys before the compression keys (federation) and after them; ``schema()`` puts them together.
+_FEDERATION: tuple[Key, ...] = (
+    key("num-server-rounds", 60, POS_INT, "number of federated rounds T", _S),
+    key("fraction-train", 1.0, UNIT_OPEN, "fraction of connected nodes sampled for training each round", _S),
+    key("min-train-nodes", 1, POS_INT, "at least this many nodes train each round", _S),
+    key("seed", 0, NONNEG_INT, "seed of every random choice (data split, sampling, init, compressors)"),
+    key(
         "algorithm",
         "compams",
-        _choice(ALGORITHMS),
+        choice(ALGORITHMS),
         "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm = named compositions "
         "(fl_compams.algorithm.ALGORITHMS); flower-* = Flower's own strategies",
     ),
-    # --- compression and error feedback
-    _key("compressor", "topk", _choice(tuple(COMPRESSORS)), "uplink compressor C"),
-    _key("error-feedback", True, _BOOL, "keep the compression error and add it to the next update"),
-    _key("topk-ratio", 0.01, _UNIT_OPEN, "k / d for topk, randk and signtopk (ignored if topk-k > 0)"),
-    _key("topk-k", 0, _NONNEG_INT, "absolute k for topk, randk and signtopk; 0 = use topk-ratio"),
-    _key("value-dtype", "float32", _choice(VALUE_DTYPES), "wire dtype of sparse/dense values"),
-    _key("index-coding", "int32", _choice(INDEX_CODINGS), "wire coding of sparse indices"),
-    _key("mvss-density", 0.01, _UNIT_OPEN, "expected density kappa of MVSS"),
-    _key("qsgd-levels", 4, ((lambda v: 1 <= v <= 2**15), "an integer in [1, 32768]"), "QSGD levels s"),
-    _key("qsgd-bucket-size", 0, _NONNEG_INT, "QSGD bucket size; 0 = one bucket"),
-    _key("randk-scaled", False, _BOOL, "send (d/k) x_S so that Rand-k is unbiased"),
+)
+_ERROR_FEEDBACK = key(
+    "error-feedback", True, BOOL, "keep the compression error and add it to the next update"
+)
+_REST: tuple[Key, ...] = (
     # --- server optimizer
-    _key("server-opt", "amsgrad", _choice(tuple(SERVER_OPTIMIZERS)), "server optimizer"),
-    _key("server-lr", 0.003, _POS_FLOAT, "server learning rate eta"),
-    _key("beta1", 0.9, _BETA, "first-moment decay (amsgrad, adam)"),
-    _key("beta2", 0.999, _BETA, "second-moment decay (amsgrad, adam)"),
-    _key("eps", 1e-8, _POS_FLOAT, "epsilon (inside the sqrt for amsgrad, outside for the torch variants)"),
-    _key("server-momentum", 0.0, _BETA, "momentum of the sgd server optimizer"),
-    _key("nesterov", False, _BOOL, "Nesterov momentum for the sgd server optimizer"),
-    _key("weighting", "uniform", _choice(WEIGHTINGS), "average client updates uniformly or by example count"),
+    key("server-opt", "amsgrad", choice(tuple(SERVER_OPTIMIZERS)), "server optimizer", _S),
+    key("server-lr", 0.003, POS_FLOAT, "server learning rate eta", _S),
+    key("beta1", 0.9, BETA, "first-moment decay (amsgrad, adam)", _S),
+    key("beta2", 0.999, BETA, "second-moment decay (amsgrad, adam)", _S),
+    key("eps", 1e-8, POS_FLOAT, "epsilon (inside the sqrt for amsgrad, outside for the torch variants)", _S),
+    key("server-momentum", 0.0, BETA, "momentum of the sgd server optimizer", _S),
+    key("nesterov", False, BOOL, "Nesterov momentum for the sgd server optimizer", _S),
+    key(
+        "weighting",
+        "uniform",
+        choice(WEIGHTINGS),
+        "average client updates uniformly or by example count",
+        _S,
+    ),
     # --- robustness
-    _key("round-timeout", 600.0, _POS_FLOAT, "seconds the server waits for replies in a round"),
-    _key("min-valid-replies", 1, _POS_INT, "below this many valid replies a round changes nothing"),
-    _key("max-update-norm", 0.0, _NONNEG_FLOAT, "clip or reject decoded updates above this l2 norm; 0 = off"),
-    _key(
+    key("round-timeout", 600.0, POS_FLOAT, "seconds the server waits for replies in a round", _S),
+    key("min-valid-replies", 1, POS_INT, "below this many valid replies a round changes nothing", _S),
+    key(
+        "max-update-norm",
+        0.0,
+        NONNEG_FLOAT,
+        "clip or reject decoded updates above this l2 norm; 0 = off",
+        _S,
+    ),
+    key(
         "update-norm-action",
         "clip",
-        _choice(("clip", "reject")),
+        choice(("clip", "reject")),
         "what max-update-norm does to a large update",
+        _S,
     ),
     # --- client training
-    _key("local-steps", 1, _POS_INT, "local SGD steps H per round (H = 1: one minibatch gradient)"),
-    _key("local-lr", 0.05, _POS_FLOAT, "local learning rate (SGD when local-steps > 1; QAdam's alpha)"),
-    _key(
+    key("local-steps", 1, POS_INT, "local SGD steps H per round (H = 1: one minibatch gradient)"),
+    key("local-lr", 0.05, POS_FLOAT, "local learning rate (SGD when local-steps > 1; QAdam's alpha)"),
+    key(
         "client-opt",
         "none",
-        _choice(("none", "adam")),
+        choice(("none", "adam")),
         "none = send gradients; adam = QAdam's local Adam steps",
     ),
-    _key("client-beta1", 0.9, _BETA, "QAdam: first-moment decay of the local Adam"),
-    _key("client-beta2", 0.999, _BETA, "QAdam: second-moment decay of the local Adam"),
-    _key("client-eps", 1e-8, _POS_FLOAT, "QAdam: epsilon of the local Adam"),
-    _key("client-eps-inside-sqrt", False, _BOOL, "QAdam: sqrt(v + eps) instead of sqrt(v) + eps"),
-    _key("client-bias-correction", False, _BOOL, "QAdam: bias-correct the local Adam moments"),
-    _key("batch-size", 32, _POS_INT, "local minibatch size"),
-    _key("device", "auto", _choice(DEVICES), "where clients and server compute; auto = cuda if available"),
+    key("client-beta1", 0.9, BETA, "QAdam: first-moment decay of the local Adam"),
+    key("client-beta2", 0.999, BETA, "QAdam: second-moment decay of the local Adam"),
+    key("client-eps", 1e-8, POS_FLOAT, "QAdam: epsilon of the local Adam"),
+    key("client-eps-inside-sqrt", False, BOOL, "QAdam: sqrt(v + eps) instead of sqrt(v) + eps"),
+    key("client-bias-correction", False, BOOL, "QAdam: bias-correct the local Adam moments"),
+    key("batch-size", 32, POS_INT, "local minibatch size"),
+    key("device", "auto", choice(DEVICES), "where clients and server compute; auto = cuda if available"),
     # --- data
-    _key("dataset", "digits", _choice(DATASETS), "data set; digits is embedded, the others need data-dir"),
-    _key("model", "auto", _choice(MODELS), "model; auto picks the data set's default"),
-    _key("data-dir", "", _ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
-    _key("download", False, _BOOL, "allow downloading the data set into data-dir"),
-    _key(
+    key("dataset", "digits", choice(DATASETS), "data set; digits is embedded, the others need data-dir"),
+    key("model", "auto", choice(MODELS), "model; auto picks the data set's default"),
+    key("data-dir", "", ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
+    key("download", False, BOOL, "allow downloading the data set into data-dir"),
+    key(
         "partitioner",
         "dirichlet",
-        _choice(PARTITIONERS),
+        choice(PARTITIONERS),
         "split of the training set: dirichlet, iid, or full (every client has all)",
     ),
-    _key("dirichlet-alpha", 0.5, _POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
-    _key(
-        "min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"
+    key("dirichlet-alpha", 0.5, POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
+    key(
+        "min-partition-size", 10, NONNEG_INT, "resample the Dirichlet split until every client has this many"
     ),
     # --- diagnostics and output
-    _key("probe-every", 0, _NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never"),
-    _key("checkpoint-every", 0, _NONNEG_INT, "write the server state every this many rounds; 0 = never"),
-    _key("resume", False, _BOOL, "continue from the latest valid checkpoint in the run directory"),
-    _key("run-name", "", _ANY_STR, "results go to <out-dir>/<run-name>; empty = a timestamped name"),
-    _key(
-        "out-dir", "", _ANY_STR, "results root; empty = runs/ under the directory flwr run was started from"
+    key("probe-every", 0, NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never", _S),
+    key("checkpoint-every", 0, NONNEG_INT, "write the server state every this many rounds; 0 = never", _S),
+    key("resume", False, BOOL, "continue from the latest valid checkpoint in the run directory", _S),
+    key("run-name", "", ANY_STR, "results go to <out-dir>/<run-name>; empty = a timestamped name", _S),
+    key(
+        "out-dir",
+        "",
+        ANY_STR,
+        "results root; empty = runs/ under the directory flwr run was started from",
+        _S,
     ),
 )
-_BY_NAME = {k.name: k for k in SCHEMA}
+
+
+def schema() -> tuple[Key, ...]:
+    """Every run-config key, in the order pyproject.toml lists them, from the registry as it is now.
+
+    The federation keys, ``compressor`` (one of the registered names) and ``error-feedback``, then the keys
+    the registered compressors declare (:func:`fl_compams.compressors.base.compressor_keys`), then the
+    server, client-training, data and output keys. ``config.SCHEMA`` is the same tuple.
+    """
+    names = tuple(sorted(COMPRESSORS))
+    compressor = key("compressor", "topk", choice(names), "uplink compressor C")
+    own = compressor_keys()
+    clash = sorted(
+        {k.name for k in (*_FEDERATION, compressor, _ERROR_FEEDBACK, *_REST)} & {k.name for k in own}
+    )
+    if clash:
+        raise ValueError(f"compressor config keys {clash} clash with general run-config keys")
+    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST)
+
+
+def client_keys() -> tuple[str, ...]:
+    """Names of the keys clients need (``side == "client"``, every compressor key among them), in order."""
+    return tuple(k.name for k in schema() if k.side == "client")
+
+
+#: ``SCHEMA`` = ``schema()``, computed at each access so that registered compressors are always included.
+SCHEMA: tuple[Key, ...]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SCHEMA":
+        return schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class CompressorConfig:
-    """Which compressor, its parameters, and whether error feedback is on."""
+    """Which compressor, whether error feedback is on, and the compressor keys' values.
+
+    ``params`` maps every registered compressor's run-config key (kebab-case, e.g. ``"topk-ratio"``) to its
+    value; :func:`build_compressor` hands it to the chosen class's ``from_config``.
+    """
 
     compressor: str
     error_feedback: bool
-    topk_ratio: float
-    topk_k: int
-    value_dtype: str
-    index_coding: str
-    mvss_density: float
-    qsgd_levels: int
-    qsgd_bucket_size: int
-    randk_scaled: bool
+    params: Mapping[str, Any] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
 
 
 @dataclass(frozen=True)
@@ -264,12 +284,19 @@ class ExperimentConfig:
     output: OutputConfig
 
     def to_flat(self) -> dict[str, Any]:
-        """The kebab-case mapping this config was parsed from (with defaults filled in)."""
-        flat: dict[str, Any] = {"seed": self.seed, "algorithm": self.algorithm}
-        for part in (self.compression, self.server, self.train, self.data, self.output):
+        """The kebab-case mapping this config was parsed from (with defaults filled in), in schema order."""
+        c = self.compression
+        flat: dict[str, Any] = {
+            "seed": self.seed,
+            "algorithm": self.algorithm,
+            "compressor": c.compressor,
+            "error-feedback": c.error_feedback,
+            **c.params,
+        }
+        for part in (self.server, self.train, self.data, self.output):
             for f in dataclasses.fields(part):
                 flat[f.name.replace("_", "-")] = getattr(part, f.name)
-        return {k.name: flat[k.name] for k in SCHEMA}
+        return {k.name: flat[k.name] for k in schema()}
 
 
 def _coerce(key: Key, value: Any) -> Any:
@@ -297,28 +324,34 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
     Missing keys take their defaults. Raises :class:`ConfigError` naming the first bad key.
     """
     mapping = dict(mapping or {})
-    unknown = sorted(set(mapping) - set(_BY_NAME))
+    keys = schema()
+    known = [k.name for k in keys]
+    unknown = sorted(set(mapping) - set(known))
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, list(_BY_NAME), n=1)
+            close = difflib.get_close_matches(name, known, n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown config key(s): {', '.join(hints)}; known keys: {sorted(_BY_NAME)}")
-    _apply_composition(mapping)
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}; known keys: {sorted(known)}")
+    _apply_composition(mapping, {k.name: k.default for k in keys})
     values: dict[str, Any] = {}
-    for key in SCHEMA:
-        value = _coerce(key, mapping.get(key.name, key.default))
-        if not key.check(value):
-            raise ConfigError(f"config key {key.name!r}: must be {key.allowed}, got {value!r}")
-        values[key.name.replace("-", "_")] = value
+    for k in keys:
+        value = _coerce(k, mapping.get(k.name, k.default))
+        if not k.check(value):
+            raise ConfigError(f"config key {k.name!r}: must be {k.allowed}, got {value!r}")
+        values[k.name] = value
 
     def take(cls):
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: values[f.name.replace("_", "-")] for f in dataclasses.fields(cls)})
 
     cfg = ExperimentConfig(
         seed=values["seed"],
         algorithm=values["algorithm"],
-        compression=take(CompressorConfig),
+        compression=CompressorConfig(
+            values["compressor"],
+            values["error-feedback"],
+            {k.name: values[k.name] for k in compressor_keys()},
+        ),
         server=take(ServerConfig),
         train=take(TrainConfig),
         data=take(DataConfig),
@@ -337,21 +370,21 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
     return cfg
 
 
-def _apply_composition(mapping: dict[str, Any]) -> None:
+def _apply_composition(mapping: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     """Fill in the settings a named algorithm fixes; refuse an explicit value that contradicts one.
 
     A key still at its schema default takes the composition's value (``flwr run`` passes every key, so a default
     cannot be told from an explicit choice of the same value).
     """
-    name = mapping.get("algorithm", _BY_NAME["algorithm"].default)
-    for key, value in COMPOSITIONS.get(name, {}).items():
-        given = mapping.get(key, _BY_NAME[key].default)
-        if given != _BY_NAME[key].default and given != value:
+    name = mapping.get("algorithm", defaults["algorithm"])
+    for name_of_key, value in COMPOSITIONS.get(name, {}).items():
+        given = mapping.get(name_of_key, defaults[name_of_key])
+        if given != defaults[name_of_key] and given != value:
             raise ConfigError(
-                f"config key {key!r}: algorithm {name!r} fixes it to {value!r}, got {given!r}; drop the key, or "
-                "use algorithm = 'compams' and set the parts yourself"
+                f"config key {name_of_key!r}: algorithm {name!r} fixes it to {value!r}, got {given!r}; drop the "
+                "key, or use algorithm = 'compams' and set the parts yourself"
             )
-        mapping[key] = value
+        mapping[name_of_key] = value
 
 
 def default_config() -> ExperimentConfig:
@@ -360,28 +393,8 @@ def default_config() -> ExperimentConfig:
 
 
 def build_compressor(cfg: CompressorConfig, block_sizes: tuple[int, ...] | None = None) -> Compressor:
-    """The compressor named by the config (Block-Sign blocks = the model's trainable tensors)."""
-    name = cfg.compressor
-    k_or_ratio = {"k": cfg.topk_k} if cfg.topk_k > 0 else {"ratio": cfg.topk_ratio}
-    params: dict[str, dict[str, Any]] = {
-        "identity": {"value_dtype": cfg.value_dtype},
-        "topk": {**k_or_ratio, "value_dtype": cfg.value_dtype, "index_coding": cfg.index_coding},
-        "blocksign": {"block_sizes": block_sizes},
-        "randk": {
-            **k_or_ratio,
-            "scaled": cfg.randk_scaled,
-            "value_dtype": cfg.value_dtype,
-            "index_coding": cfg.index_coding,
-        },
-        "mvss": {
-            "density": cfg.mvss_density,
-            "value_dtype": cfg.value_dtype,
-            "index_coding": cfg.index_coding,
-        },
-        "qsgd": {"levels": cfg.qsgd_levels, "bucket_size": cfg.qsgd_bucket_size},
-        "signtopk": {**k_or_ratio, "index_coding": cfg.index_coding},
-    }
-    return make_compressor(name, **params[name])
+    """The compressor named by the config, from its class's ``from_config`` (Block-Sign: the model's blocks)."""
+    return compressor_class(cfg.compressor).from_config(cfg.params, block_sizes)
 
 
 def build_client_optimizer(cfg: TrainConfig) -> LocalAdam | None:

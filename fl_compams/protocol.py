@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fl_compams.algorithm import Outcome, Status
-from fl_compams.config import SCHEMA
+from fl_compams.config import client_keys
 
 #: Global model (dense float32 tensors by name) in instructions; Flower's FedAvg default key.
 ARRAYS = "arrays"
@@ -50,44 +50,17 @@ REMOVED_NORM = "ef-removed-norm"
 STATE_ROUNDS = "state-rounds"
 LOCAL_VARIANCE = "local-variance"
 
-#: Run-config keys a client needs; the server sends them in every instruction, so clients work the same
-#: under ``flwr run`` and under the in-process runner (where ``context.run_config`` is empty).
-CLIENT_KEYS: tuple[str, ...] = tuple(
-    k.name
-    for k in SCHEMA
-    if k.name
-    in {
-        "seed",
-        "compressor",
-        "error-feedback",
-        "topk-ratio",
-        "topk-k",
-        "value-dtype",
-        "index-coding",
-        "mvss-density",
-        "qsgd-levels",
-        "qsgd-bucket-size",
-        "randk-scaled",
-        "algorithm",
-        "local-steps",
-        "local-lr",
-        "client-opt",
-        "client-beta1",
-        "client-beta2",
-        "client-eps",
-        "client-eps-inside-sqrt",
-        "client-bias-correction",
-        "batch-size",
-        "device",
-        "dataset",
-        "model",
-        "data-dir",
-        "download",
-        "partitioner",
-        "dirichlet-alpha",
-        "min-partition-size",
-    }
-)
+#: Run-config keys a client needs (``config.client_keys()``: every key whose ``side`` is "client", compressor
+#: keys included); the server sends them in every instruction, so clients work the same under ``flwr run`` and
+#: under the in-process runner (where ``context.run_config`` is empty). Derived at each access, so a compressor
+#: registered later is included.
+CLIENT_KEYS: tuple[str, ...]
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "CLIENT_KEYS":
+        return client_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def statuses_to_fields(statuses: tuple[Status, ...]) -> dict[str, list]:

@@ -1,4 +1,4 @@
-"""Rewrite pyproject.toml's [tool.flwr.app.config] from fl_compams.config.SCHEMA (the one source of defaults).
+"""Rewrite pyproject.toml's [tool.flwr.app.config] from fl_compams.config.schema() (the one source of defaults).
 
 Run after adding or changing a key: ``.venv/bin/python scripts/sync_config.py``. A test fails if they differ.
 """
@@ -6,7 +6,7 @@ Run after adding or changing a key: ``.venv/bin/python scripts/sync_config.py``.
 import re
 from pathlib import Path
 
-from fl_compams.config import SCHEMA
+from fl_compams.config import schema
 
 
 def _toml(value) -> str:
@@ -19,8 +19,9 @@ def _toml(value) -> str:
 
 def main() -> None:
     """Rewrite the section in place."""
-    width = max(len(k.name) for k in SCHEMA) + 16
-    block = "".join(f"{k.name} = {_toml(k.default)}".ljust(width) + f"# {k.help}\n" for k in SCHEMA)
+    keys = schema()
+    width = max(len(k.name) for k in keys) + 16
+    block = "".join(f"{k.name} = {_toml(k.default)}".ljust(width) + f"# {k.help}\n" for k in keys)
     path = Path(__file__).resolve().parents[1] / "pyproject.toml"
     text = path.read_text()
     new, n = re.subn(

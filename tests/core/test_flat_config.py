@@ -15,8 +15,10 @@ from fl_compams import (
     build_server_optimizer,
     flatten,
     parse_config,
+    protocol,
     unflatten,
 )
+from fl_compams.compressors.base import compressor_keys
 from fl_compams.config import SCHEMA
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -108,3 +110,17 @@ def test_pyproject_lists_every_key_with_the_schema_default():
     if app_config is None:
         pytest.skip("the Flower app section is not in pyproject.toml yet")
     assert app_config == {k.name: k.default for k in SCHEMA}
+    assert list(app_config) == [k.name for k in SCHEMA]
+
+
+def test_client_keys_are_derived_from_the_schema():
+    assert compressor_keys() and all(k.side == "client" for k in compressor_keys())
+    assert {k.name for k in compressor_keys()} <= set(protocol.CLIENT_KEYS)
+    assert list(protocol.CLIENT_KEYS) == [k.name for k in SCHEMA if k.name in protocol.CLIENT_KEYS]
+    server_only = {k.name for k in SCHEMA} - set(protocol.CLIENT_KEYS)
+    assert server_only == {
+        "num-server-rounds", "fraction-train", "min-train-nodes", "server-opt", "server-lr", "beta1", "beta2",
+        "eps", "server-momentum", "nesterov", "weighting", "round-timeout", "min-valid-replies",
+        "max-update-norm", "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
+        "out-dir",
+    }  # fmt: skip
