@@ -37,8 +37,10 @@ __all__ = [
     "parse_config",
 ]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
+DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("auto", "digits-cnn", "mnist1d-cnn", "mnist-cnn", "cifar-cnn", "logreg")
+#: The mnist1d package's default ``num_samples`` (its ``get_dataset_args()``; a test keeps the two equal).
+MNIST1D_DEFAULT_SAMPLES = 5000
 PARTITIONERS = ("dirichlet", "iid", "full")  # tasks.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = ("compams", "flower-fedavg", "flower-fedadam")
@@ -144,9 +146,19 @@ SCHEMA: tuple[Key, ...] = (
     _key("batch-size", 32, _POS_INT, "local minibatch size"),
     _key("device", "auto", _choice(DEVICES), "where clients and server compute; auto = cuda if available"),
     # --- data
-    _key("dataset", "digits", _choice(DATASETS), "data set; digits is embedded, the others need data-dir"),
+    _key(
+        "dataset",
+        "digits",
+        _choice(DATASETS),
+        "data set; digits is embedded, mnist1d is generated locally, the others need data-dir",
+    ),
     _key("model", "auto", _choice(MODELS), "model; auto picks the data set's default"),
-    _key("data-dir", "", _ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
+    _key(
+        "data-dir",
+        "",
+        _ANY_STR,
+        "directory of downloaded data sets (mnist, fashion-mnist, cifar10) and of the mnist1d cache",
+    ),
     _key("download", False, _BOOL, "allow downloading the data set into data-dir"),
     _key(
         "partitioner",
@@ -157,6 +169,18 @@ SCHEMA: tuple[Key, ...] = (
     _key("dirichlet-alpha", 0.5, _POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
     _key(
         "min-partition-size", 10, _NONNEG_INT, "resample the Dirichlet split until every client has this many"
+    ),
+    _key(
+        "mnist1d-samples",
+        MNIST1D_DEFAULT_SAMPLES,
+        ((lambda v: v >= 10 and v % 10 == 0), "a multiple of 10, >= 10"),
+        "MNIST-1D: examples generated (10 classes, equal counts), split 80/20 into train/test",
+    ),
+    _key(
+        "validation-fraction",
+        0.0,
+        _range(0.0, 0.5),
+        "fraction of the training set held out for validation (seeded, stratified; never on clients)",
     ),
     # --- diagnostics and output
     _key("probe-every", 0, _NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never"),
@@ -225,7 +249,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Data set, model and partitioning."""
+    """Data set, model, partitioning and the validation split.
+
+    ``mnist1d_samples`` matters only for ``dataset = "mnist1d"``. ``validation_fraction`` > 0 holds out that
+    share of the training set (per class, drawn from the run seed) before partitioning: see
+    ``tasks.task.load_data``.
+    """
 
     dataset: str
     model: str
@@ -234,6 +263,8 @@ class DataConfig:
     partitioner: str
     dirichlet_alpha: float
     min_partition_size: int
+    mnist1d_samples: int
+    validation_fraction: float
 
 
 @dataclass(frozen=True)
