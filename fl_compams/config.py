@@ -36,6 +36,7 @@ from fl_compams.schema import (
     Key,
     choice,
     key,
+    num_range,
 )
 from fl_compams.server_opt import SERVER_OPTIMIZERS, ServerOptimizer, make_server_optimizer
 
@@ -56,8 +57,10 @@ __all__ = [
     "schema",
 ]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("auto", "digits-cnn", "mnist-cnn", "cifar-cnn", "logreg")
+DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
+MODELS = ("auto", "digits-cnn", "mnist1d-cnn", "mnist-cnn", "cifar-cnn", "logreg")
+#: The mnist1d package's default ``num_samples`` (its ``get_dataset_args()``; a test keeps the two equal).
+MNIST1D_DEFAULT_SAMPLES = 5000
 PARTITIONERS = ("dirichlet", "iid", "full")  # tasks.partition implements them
 DEVICES = ("auto", "cpu", "cuda")
 ALGORITHMS = tuple(COMPOSITIONS)  # fl_compams.algorithm.ALGORITHMS: the one registry of named compositions
@@ -132,9 +135,19 @@ _REST: tuple[Key, ...] = (
     key("batch-size", 32, POS_INT, "local minibatch size"),
     key("device", "auto", choice(DEVICES), "where clients and server compute; auto = cuda if available"),
     # --- data
-    key("dataset", "digits", choice(DATASETS), "data set; digits is embedded, the others need data-dir"),
+    key(
+        "dataset",
+        "digits",
+        choice(DATASETS),
+        "data set; digits is embedded, mnist1d is generated locally, the others need data-dir",
+    ),
     key("model", "auto", choice(MODELS), "model; auto picks the data set's default"),
-    key("data-dir", "", ANY_STR, "directory of downloaded data sets (mnist, fashion-mnist, cifar10)"),
+    key(
+        "data-dir",
+        "",
+        ANY_STR,
+        "directory of downloaded data sets (mnist, fashion-mnist, cifar10) and of the mnist1d cache",
+    ),
     key("download", False, BOOL, "allow downloading the data set into data-dir"),
     key(
         "partitioner",
@@ -145,6 +158,18 @@ _REST: tuple[Key, ...] = (
     key("dirichlet-alpha", 0.5, POS_FLOAT, "Dirichlet concentration alpha (smaller = more heterogeneous)"),
     key(
         "min-partition-size", 10, NONNEG_INT, "resample the Dirichlet split until every client has this many"
+    ),
+    key(
+        "mnist1d-samples",
+        MNIST1D_DEFAULT_SAMPLES,
+        ((lambda v: v >= 10 and v % 10 == 0), "a multiple of 10, >= 10"),
+        "MNIST-1D: examples generated (10 classes, equal counts), split 80/20 into train/test",
+    ),
+    key(
+        "validation-fraction",
+        0.0,
+        num_range(0.0, 0.5),
+        "fraction of the training set held out for validation (seeded, stratified; never on clients)",
     ),
     # --- diagnostics and output
     key("probe-every", 0, NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never", _S),
@@ -249,7 +274,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Data set, model and partitioning."""
+    """Data set, model, partitioning and the validation split.
+
+    ``mnist1d_samples`` matters only for ``dataset = "mnist1d"``. ``validation_fraction`` > 0 holds out that
+    share of the training set (per class, drawn from the run seed) before partitioning: see
+    ``tasks.task.load_data``.
+    """
 
     dataset: str
     model: str
@@ -258,6 +288,8 @@ class DataConfig:
     partitioner: str
     dirichlet_alpha: float
     min_partition_size: int
+    mnist1d_samples: int
+    validation_fraction: float
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
     python scripts/export_npz.py OUT_DIR --num-partitions 2 [--run-config "dataset='digits' seed=0 ..."]
 
-Writes ``OUT_DIR/partition-<i>.npz`` with ``x`` (float32, N x C x H x W, preprocessed like the data set) and ``y``
-(int64), the exact examples the simulation gives partition ``i`` for that run config, so a deployment whose
-SuperNodes read these files trains on the same data as a simulation. It is also a template for preparing a
+Writes ``OUT_DIR/partition-<i>.npz`` with ``x`` (float32, N x C x H x W, or N x C x L for mnist1d, preprocessed
+like the data set) and ``y`` (int64), the exact examples the simulation gives partition ``i`` for that run config
+(never the validation split), so a deployment whose SuperNodes read these files trains on the same data as a
+simulation. It is also a template for preparing a
 node's own data in the format ``tasks.local_data`` reads.
 """
 

@@ -57,7 +57,7 @@ def run_server(
     cfg = parse_config(run_config)  # a bad key or value stops here, before any round
     timeout = cfg.server.round_timeout
     device = resolve_device(cfg.train.device)
-    bundle = load_data(cfg.data.dataset, cfg.data.data_dir, cfg.data.download)
+    bundle = load_data(cfg.data, seed=cfg.seed)
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)
     algorithm = build_algorithm(cfg, spec.block_sizes)
@@ -125,13 +125,21 @@ RoundHook = Callable[[int, ArrayRecord, dict], None]
 
 
 def evaluation_hook(model: torch.nn.Module, bundle, device: torch.device) -> RoundHook:
-    """Central evaluation of the global model on the test set: ``accuracy`` and ``loss``."""
+    """Central evaluation of the global model: ``accuracy`` and ``loss`` on the test set.
+
+    With ``validation-fraction`` > 0 also ``val_accuracy`` and ``val_loss`` on the held-out validation split
+    (tune on these, never on test).
+    """
     test_x, test_y = bundle.test_x.to(device), bundle.test_y.to(device)
+    val_x, val_y = bundle.val_x.to(device), bundle.val_y.to(device)
 
     def hook(rnd: int, arrays: ArrayRecord, row: dict) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test_x, test_y)
         row.update(accuracy=accuracy, loss=loss)
+        if val_y.numel():
+            val_loss, val_accuracy = evaluate(model, val_x, val_y)
+            row.update(val_accuracy=val_accuracy, val_loss=val_loss)
 
     return hook
 

@@ -1,13 +1,22 @@
-"""Data sets for the simulations: loading, normalisation and a fixed train/test split.
+"""Data sets for the simulations: loading, normalisation, a fixed train/test split, and a validation split.
 
-Every loader returns a :class:`DataBundle` of normalised ``float32`` image tensors (``N x C x H x W``) and
-``int64`` labels. The data sets (design.md section 5):
+Every loader returns a :class:`DataBundle` of normalised ``float32`` input tensors (``N x C x H x W`` images,
+or ``N x C x L`` signals) and ``int64`` labels. The data sets (design.md section 5):
 
 ``digits``
     scikit-learn's handwritten digits (1,797 8x8 images). It ships with scikit-learn, so the default run needs
     no network and no ``data-dir``. The train/test split is fixed (stratified, 20% test, drawn with
     ``np.random.default_rng(12345)``) and does not depend on any run seed, so every run evaluates on the same
     test set.
+``mnist1d``
+    MNIST-1D (Greydanus, "Scaling down Deep Learning", 2020, arXiv:2011.14439): 1 x 40 signals, 10 classes,
+    generated offline by the ``mnist1d`` package's ``make_dataset`` with its default arguments (its
+    ``get_dataset_args()``, data seed 42), only ``num_samples`` overridden (``mnist1d-samples``). The package
+    standardises the whole set and splits it 80/20 into train/test (``train_split``); both are kept as they are.
+    Generation is slow (about 25 s for 70,000 samples), so the arrays are cached as ``.npz`` in
+    ``<data-dir>/mnist1d`` (or ``$XDG_CACHE_HOME/fl-compams/mnist1d``, default ``~/.cache/fl-compams/mnist1d``)
+    under a name that hashes every generation argument; see :func:`mnist1d_cache_path`. Nothing is downloaded
+    and nothing is pickled: the package's own pickle cache and download helpers are never used.
 ``mnist``, ``fashion-mnist``
     Read through torchvision from ``<data-dir>/MNIST/raw`` or ``<data-dir>/FashionMNIST/raw`` (the uncompressed
     IDX files); fetched by torchvision when ``download`` is true.
@@ -17,10 +26,24 @@ Every loader returns a :class:`DataBundle` of normalised ``float32`` image tenso
 
 Data sets that need files never download anything unless ``download`` is true, and a missing ``data-dir`` or
 missing files raise :class:`DataError` with the exact files expected and the command that fetches them.
+
+:func:`hold_out_validation` moves a seeded, stratified share of a bundle's training set into ``val_x``/``val_y``
+(the ``validation-fraction`` key); the test set is never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +51,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataBundle", "DataError", "available_datasets", "load_dataset"]
+from fl_compams.config import MNIST1D_DEFAULT_SAMPLES
+
+__all__ = [
+    "DataBundle",
+    "DataError",
+    "available_datasets",
+    "hold_out_validation",
+    "load_dataset",
+    "mnist1d_cache_path",
+]
+
+log = logging.getLogger(__name__)
 
 # The digits split is a property of the data set, not of a run: never derive it from a run seed.
 DIGITS_SPLIT_SEED = 12345
@@ -38,6 +72,14 @@ MNIST_MEAN_STD = (0.1307, 0.3081)
 FASHION_MNIST_MEAN_STD = (0.2860, 0.3530)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+MNIST1D_LENGTH = 40  # final_seq_length of the package's default arguments
+MNIST1D_CACHE_FORMAT = 1  # bump when the cached arrays change meaning; part of the file-name hash
+MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+
+#: Seed-sequence tag of the validation split, so that it draws from its own stream of the run seed.
+VALIDATION_SPLIT_STREAM = 0x76616C  # "val"
+MAX_VALIDATION_FRACTION = 0.5
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
@@ -67,23 +109,27 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True, eq=False)
 class DataBundle:
-    """A data set ready for training: normalised image tensors, labels and their shapes.
+    """A data set ready for training: normalised input tensors, labels and their shapes.
 
     ``eq=False``: tensors have no single truth value, so bundles compare by identity.
 
     Attributes
     ----------
     name : str
-        Registry name of the data set (``"digits"``, ``"mnist"``, ...).
+        Registry name of the data set (``"digits"``, ``"mnist1d"``, ...).
     train_x, test_x : torch.Tensor
-        ``float32`` images, ``N x C x H x W``, normalised (zero mean, unit variance per channel, using fixed
-        published statistics or the training-set statistics).
+        ``float32`` inputs, ``N x *input_shape`` (images ``N x C x H x W``, 1-D signals ``N x C x L``),
+        normalised (zero mean, unit variance per channel, using fixed published statistics or the training-set
+        statistics; MNIST-1D as its package generates it).
     train_y, test_y : torch.Tensor
-        ``int64`` class labels in ``[0, num_classes)``, one per image.
+        ``int64`` class labels in ``[0, num_classes)``, one per example.
     num_classes : int
         Number of classes.
     input_shape : tuple of int
-        ``(C, H, W)`` of one image.
+        Shape of one example, channels first: ``(C, H, W)`` for images, ``(C, L)`` for 1-D signals.
+    val_x, val_y : torch.Tensor
+        The validation split held out of the training set (:func:`hold_out_validation`), shaped like
+        ``train_x``/``train_y``; empty (zero rows) when there is none, which is the default.
     """
 
     name: str
@@ -92,25 +138,44 @@ class DataBundle:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
+    val_x: torch.Tensor = None  # type: ignore[assignment]  # None -> empty, in __post_init__
+    val_y: torch.Tensor = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ValueError(f"DataBundle {self.name!r}: num_classes must be >= 2, got {self.num_classes}.")
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if x.dtype != torch.float32 or x.ndim != 4:
+        shape = tuple(self.input_shape)
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(
+                f"DataBundle {self.name!r}: input_shape must be a non-empty tuple of positive ints, "
+                f"got {self.input_shape!r}."
+            )
+        object.__setattr__(self, "input_shape", shape)
+        if (self.val_x is None) != (self.val_y is None):
+            raise ValueError(f"DataBundle {self.name!r}: give both val_x and val_y, or neither.")
+        if self.val_x is None:
+            object.__setattr__(self, "val_x", torch.empty((0, *shape), dtype=torch.float32))
+            object.__setattr__(self, "val_y", torch.empty(0, dtype=torch.int64))
+        layout = {3: "N x C x H x W", 2: "N x C x L"}.get(len(shape), f"N x {len(shape)}-D")
+        for split, x, y in (
+            ("train", self.train_x, self.train_y),
+            ("test", self.test_x, self.test_y),
+            ("val", self.val_x, self.val_y),
+        ):
+            if x.dtype != torch.float32 or x.ndim != 1 + len(shape):
                 raise ValueError(
-                    f"DataBundle {self.name!r}: {split}_x must be a float32 N x C x H x W tensor, "
+                    f"DataBundle {self.name!r}: {split}_x must be a float32 {layout} tensor, "
                     f"got dtype {x.dtype} with shape {tuple(x.shape)}."
                 )
-            if tuple(x.shape[1:]) != tuple(self.input_shape):
+            if tuple(x.shape[1:]) != shape:
                 raise ValueError(
-                    f"DataBundle {self.name!r}: {split}_x images have shape {tuple(x.shape[1:])}, "
-                    f"but input_shape is {tuple(self.input_shape)}."
+                    f"DataBundle {self.name!r}: {split}_x examples have shape {tuple(x.shape[1:])}, "
+                    f"but input_shape is {shape}."
                 )
             if y.dtype != torch.int64 or y.ndim != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(
-                    f"DataBundle {self.name!r}: {split}_y must be an int64 vector with one label per image "
+                    f"DataBundle {self.name!r}: {split}_y must be an int64 vector with one label per example "
                     f"({x.shape[0]}), got dtype {y.dtype} with shape {tuple(y.shape)}."
                 )
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
@@ -128,6 +193,11 @@ class DataBundle:
     def num_test(self) -> int:
         """Number of test examples."""
         return int(self.test_x.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        """Number of validation examples (0 without a validation split)."""
+        return int(self.val_x.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -213,6 +283,191 @@ def _load_digits(data_dir: str, download: bool) -> DataBundle:
         test_y=torch.from_numpy(labels[test_idx]),
         num_classes=10,
         input_shape=(1, 8, 8),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- MNIST-1D
+
+
+def _mnist1d_cache_dir(data_dir: str) -> Path:
+    """``<data_dir>/mnist1d``, else ``$XDG_CACHE_HOME/fl-compams/mnist1d``, else ``~/.cache/fl-compams/mnist1d``."""
+    if data_dir:
+        return Path(data_dir).expanduser() / "mnist1d"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "fl-compams" / "mnist1d"
+
+
+def _mnist1d_recipe(num_samples: int) -> dict:
+    """Everything the generated MNIST-1D arrays depend on (hashed into the cache file name).
+
+    The package version, its default arguments with ``num_samples`` overridden, its digit templates, and this
+    module's cache format.
+    """
+    from mnist1d.data import get_dataset_args, get_templates  # imports matplotlib: only when needed
+
+    args = dict(get_dataset_args(as_dict=True))
+    args["num_samples"] = int(num_samples)
+    templates = {k: np.asarray(v).tolist() for k, v in sorted(get_templates().items())}
+    return {
+        "format": MNIST1D_CACHE_FORMAT,
+        "package": f"mnist1d {importlib.metadata.version('mnist1d')}",
+        "args": args,
+        "templates": templates,
+    }
+
+
+def _recipe_json(recipe: dict) -> str:
+    return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+
+
+def mnist1d_cache_path(data_dir: str = "", num_samples: int = MNIST1D_DEFAULT_SAMPLES) -> Path:
+    """Where the MNIST-1D arrays for these arguments are cached.
+
+    The directory is ``<data_dir>/mnist1d`` when ``data_dir`` is set, else ``$XDG_CACHE_HOME/fl-compams/mnist1d``
+    (``~/.cache/fl-compams/mnist1d`` without ``XDG_CACHE_HOME``). The file name carries the sample count and
+    a SHA-256 of every generation argument (the package's arguments and templates, its version, the cache
+    format), so any change gives a new file: ``mnist1d-n<num_samples>-<16 hex digits>.npz``.
+    """
+    return _mnist1d_path(data_dir, num_samples, _recipe_json(_mnist1d_recipe(num_samples)))
+
+
+def _mnist1d_path(data_dir: str, num_samples: int, recipe: str) -> Path:
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    return _mnist1d_cache_dir(data_dir) / f"mnist1d-n{int(num_samples)}-{digest}.npz"
+
+
+def _generate_mnist1d(args: dict) -> dict[str, np.ndarray]:
+    """Run the package's ``make_dataset`` (offline) and return the cached arrays.
+
+    ``make_dataset`` seeds NumPy's and Python's global RNGs with the data seed; their states are restored
+    afterwards so loading the data set has no side effect on the process.
+    """
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
+
+    # The package draws from the legacy global RNGs; save and restore them.
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    try:
+        ds = make_dataset(ObjectView(dict(args)))
+    finally:
+        np.random.set_state(np_state)  # noqa: NPY002
+        random.setstate(py_state)
+    return {
+        "x": np.ascontiguousarray(ds["x"], dtype=np.float32),
+        "y": np.ascontiguousarray(ds["y"], dtype=np.int64),
+        "x_test": np.ascontiguousarray(ds["x_test"], dtype=np.float32),
+        "y_test": np.ascontiguousarray(ds["y_test"], dtype=np.int64),
+    }
+
+
+def _mnist1d_sizes(args: dict) -> tuple[int, int]:
+    """(train, test) sizes ``make_dataset`` produces: ``num_samples // 10`` per class, cut at ``train_split``."""
+    total = 10 * (int(args["num_samples"]) // 10)
+    n_train = int(total * args["train_split"])
+    return n_train, total - n_train
+
+
+def _read_mnist1d_cache(path: Path, recipe: str, sizes: tuple[int, int]) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None (with a warning unless the file is simply absent) if unusable."""
+    if not path.is_file():
+        return None
+    problem = None
+    try:
+        with path.open("rb") as f:  # closed here even when numpy fails half-way
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                problem = "not an .npz archive"
+            else:
+                with loaded as npz:
+                    missing = [k for k in (*MNIST1D_ARRAYS, "recipe") if k not in npz.files]
+                    if missing:
+                        problem = f"missing arrays {missing}"
+                    else:
+                        arrays = {k: npz[k] for k in MNIST1D_ARRAYS}
+                        stored = npz["recipe"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        problem = f"unreadable ({type(exc).__name__}: {exc})"
+    if problem is None:
+        if stored.dtype.kind != "U" or stored.shape != () or str(stored) != recipe:
+            problem = "from other generation arguments"
+        else:
+            problem = _check_mnist1d_arrays(arrays, sizes)
+    if problem is None:
+        return arrays
+    warnings.warn(
+        f"MNIST-1D cache {path} is {problem}; generating the data set again and replacing the file.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
+
+
+def _check_mnist1d_arrays(arrays: dict[str, np.ndarray], sizes: tuple[int, int]) -> str | None:
+    """What is wrong with MNIST-1D arrays (shapes, dtypes, values), or None."""
+    for split, n in (("", sizes[0]), ("_test", sizes[1])):
+        x, y = arrays[f"x{split}"], arrays[f"y{split}"]
+        if x.dtype != np.float32 or x.shape != (n, MNIST1D_LENGTH) or not np.isfinite(x).all():
+            return f"damaged (x{split}: {x.dtype} {x.shape}, expected finite float32 ({n}, {MNIST1D_LENGTH}))"
+        if y.dtype != np.int64 or y.shape != (n,) or (n and (y.min() < 0 or y.max() > 9)):
+            return f"damaged (y{split}: {y.dtype} {y.shape}, expected int64 ({n},) labels in 0..9)"
+    return None
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _load_mnist1d(data_dir: str, download: bool, num_samples: int = MNIST1D_DEFAULT_SAMPLES) -> DataBundle:
+    """Load MNIST-1D from its cache, generating (and caching) it first if needed; ``download`` is ignored."""
+    del download  # generated locally: nothing to fetch
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+        raise ValueError(f"mnist1d-samples must be an int >= 10, got {num_samples!r}.")
+    recipe = _mnist1d_recipe(num_samples)
+    text = _recipe_json(recipe)
+    path = _mnist1d_path(data_dir, num_samples, text)
+    sizes = _mnist1d_sizes(recipe["args"])
+    arrays = _read_mnist1d_cache(path, text, sizes)
+    if arrays is None:
+        log.info("generating MNIST-1D with %d samples (cached in %s)", num_samples, path)
+        arrays = _generate_mnist1d(recipe["args"])
+        problem = _check_mnist1d_arrays(arrays, sizes)
+        if problem is not None:  # the package changed what it generates: say so rather than train on it
+            raise DataError(f"mnist1d's make_dataset returned arrays that are {problem}.")
+        try:
+            _write_npz_atomic(path, {**arrays, "recipe": np.array(text)})
+        except OSError as exc:
+            warnings.warn(
+                f"Could not cache MNIST-1D in {path} ({type(exc).__name__}: {exc}); it will be generated "
+                "again next time. Set data-dir to a writable directory.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x[:, None, :]))
+
+    return DataBundle(
+        name="mnist1d",
+        train_x=tensor(arrays["x"]),
+        train_y=torch.from_numpy(arrays["y"]),
+        test_x=tensor(arrays["x_test"]),
+        test_y=torch.from_numpy(arrays["y_test"]),
+        num_classes=10,
+        input_shape=(1, MNIST1D_LENGTH),
     )
 
 
@@ -388,6 +643,7 @@ def _load_cifar10(data_dir: str, download: bool) -> DataBundle:
 # The only name -> loader map. A loader takes (data_dir, download).
 _LOADERS: dict[str, Callable[[str, bool], DataBundle]] = {
     "digits": _load_digits,
+    "mnist1d": _load_mnist1d,
     "mnist": _load_mnist,
     "fashion-mnist": _load_fashion_mnist,
     "cifar10": _load_cifar10,
@@ -399,23 +655,29 @@ def available_datasets() -> tuple[str, ...]:
     return tuple(_LOADERS)
 
 
-def load_dataset(name: str, data_dir: str = "", download: bool = False) -> DataBundle:
+def load_dataset(
+    name: str, data_dir: str = "", download: bool = False, *, mnist1d_samples: int = MNIST1D_DEFAULT_SAMPLES
+) -> DataBundle:
     """Load a data set by name.
 
     Parameters
     ----------
     name : str
-        One of :func:`available_datasets`: ``"digits"`` (embedded, the default), ``"mnist"``,
-        ``"fashion-mnist"`` or ``"cifar10"``.
+        One of :func:`available_datasets`: ``"digits"`` (embedded, the default), ``"mnist1d"`` (generated),
+        ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
     data_dir : str, default ""
-        Directory holding the downloaded data sets; ignored for ``"digits"``, required for the others.
+        Directory holding the downloaded data sets; ignored for ``"digits"``, required for the downloaded
+        ones; for ``"mnist1d"`` the optional cache location (``<data_dir>/mnist1d``).
     download : bool, default False
-        Fetch missing files into ``data_dir``. Nothing is ever downloaded unless this is true.
+        Fetch missing files into ``data_dir``. Nothing is ever downloaded unless this is true (and ``"digits"``
+        and ``"mnist1d"`` never download anything).
+    mnist1d_samples : int, default 5000
+        Number of MNIST-1D examples to generate (train + test); ignored by the other data sets.
 
     Returns
     -------
     DataBundle
-        Normalised ``float32`` images ``N x C x H x W`` and ``int64`` labels for train and test.
+        Normalised ``float32`` inputs and ``int64`` labels for train and test; no validation split.
 
     Raises
     ------
@@ -430,4 +692,59 @@ def load_dataset(name: str, data_dir: str = "", download: bool = False) -> DataB
     except KeyError:
         known = ", ".join(repr(k) for k in _LOADERS)
         raise ValueError(f"Unknown data set {name!r}; choose one of {known}.") from None
+    if name == "mnist1d":
+        return _load_mnist1d(data_dir, download, mnist1d_samples)
     return loader(data_dir, download)
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def hold_out_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundle:
+    """Move a seeded, stratified ``fraction`` of the training set into the validation split.
+
+    Per class c, ``round(fraction * n_c)`` training examples are drawn with
+    ``np.random.default_rng([seed, VALIDATION_SPLIT_STREAM])`` and moved to ``val_x``/``val_y``; the rest stay
+    in ``train_x``/``train_y``, in their original order. The test set and the normalisation (computed from
+    the data set's whole training split) are unchanged, so the validation examples are preprocessed exactly
+    like the others. The same ``(bundle, fraction, seed)`` always gives the same split.
+
+    Parameters
+    ----------
+    bundle : DataBundle
+        A bundle without a validation split.
+    fraction : float
+        Share of the training set to hold out, in ``[0, 0.5]``. 0 returns ``bundle`` itself.
+    seed : int
+        The run seed (``>= 0``).
+
+    Returns
+    -------
+    DataBundle
+        A new bundle (or ``bundle`` when ``fraction`` is 0).
+
+    Raises
+    ------
+    ValueError
+        If ``fraction`` or ``seed`` is out of range, or ``bundle`` already has a validation split.
+    """
+    if isinstance(fraction, bool) or not (0.0 <= fraction <= MAX_VALIDATION_FRACTION):
+        raise ValueError(
+            f"validation-fraction must be a number in [0, {MAX_VALIDATION_FRACTION}], got {fraction!r}."
+        )
+    if fraction == 0.0:
+        return bundle
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
+    if bundle.num_val:
+        raise ValueError(f"DataBundle {bundle.name!r} already has a validation split of {bundle.num_val}.")
+    rng = np.random.default_rng([int(seed), VALIDATION_SPLIT_STREAM])
+    train_idx, val_idx = _stratified_split(bundle.train_y.numpy(), fraction, rng)
+    keep, held = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return dataclasses.replace(
+        bundle,
+        train_x=bundle.train_x[keep],
+        train_y=bundle.train_y[keep],
+        val_x=bundle.train_x[held],
+        val_y=bundle.train_y[held],
+    )

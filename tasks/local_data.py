@@ -8,11 +8,12 @@ A SuperNode chooses with its ``--node-config``:
 ``data-file='/path/to/train.npz'``
     The node's own data: an ``.npz`` file (``numpy.savez``) with two arrays,
 
-    - ``x``: the images, floating point (stored as float32, or float16/float64 which are converted),
-      ``N x C x H x W``, or ``N x H x W`` for one-channel images (a channel axis is added). Each image must have
-      the configured data set's shape (digits: 1 x 8 x 8; MNIST and Fashion-MNIST: 1 x 28 x 28; CIFAR-10:
+    - ``x``: the inputs, floating point (stored as float32, or float16/float64 which are converted),
+      ``N x C x H x W`` images or ``N x C x L`` signals, or without the channel axis (``N x H x W``,
+      ``N x L``) for one-channel inputs (a channel axis is added). Each example must have the configured data
+      set's shape (digits: 1 x 8 x 8; MNIST-1D: 1 x 40; MNIST and Fashion-MNIST: 1 x 28 x 28; CIFAR-10:
       3 x 32 x 32) and be preprocessed the way that data set is (the server evaluates on it);
-    - ``y``: the labels, a 1-D integer array (int64 preferred) with one label per image, in
+    - ``y``: the labels, a 1-D integer array (int64 preferred) with one label per example, in
       ``[0, num_classes)``.
 
     ``data-file`` takes precedence over ``partition-id``; a given ``partition-id`` then only seeds the node's
@@ -55,7 +56,7 @@ class NodeData:
     Attributes
     ----------
     x, y : torch.Tensor
-        ``float32`` images ``N x C x H x W`` and ``int64`` labels, on the requested device.
+        ``float32`` inputs ``N x *input_shape`` and ``int64`` labels, on the requested device.
     seed_id : int
         The integer that, with the run seed and the round, seeds this node's randomness.
     source : str
@@ -73,7 +74,7 @@ def _fail(path: Path, problem: str) -> LocalDataError:
 
 
 def load_npz(
-    path: str | Path, input_shape: tuple[int, int, int], num_classes: int
+    path: str | Path, input_shape: tuple[int, ...], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate a node's ``.npz`` data file.
 
@@ -82,14 +83,14 @@ def load_npz(
     path
         The file (``~`` is expanded).
     input_shape
-        ``(C, H, W)`` the model expects.
+        Shape of one example the model expects, channels first (``(C, H, W)``, or ``(C, L)`` for signals).
     num_classes
         Labels must lie in ``[0, num_classes)``.
 
     Returns
     -------
     x, y : numpy.ndarray
-        ``float32`` images ``N x C x H x W`` (C-contiguous) and ``int64`` labels of length ``N``.
+        ``float32`` inputs ``N x *input_shape`` (C-contiguous) and ``int64`` labels of length ``N``.
 
     Raises
     ------
@@ -118,22 +119,26 @@ def load_npz(
     return _check_x(path, x, input_shape), _check_y(path, y, num_classes, len(x))
 
 
-def _check_x(path: Path, x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+def _check_x(path: Path, x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
     if x.dtype.kind != "f":
         raise _fail(
             path,
             f"'x' has dtype {x.dtype}, expected float32 images preprocessed like the configured data set "
             "(e.g. x = ((pixels / 255) - mean) / std, saved with x.astype(np.float32))",
         )
-    if x.ndim == 3 and input_shape[0] == 1:
-        x = x[:, None, :, :]
-    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
+    rank = 1 + len(input_shape)
+    if x.ndim == rank - 1 and input_shape[0] == 1:
+        x = x[:, None]
+    if x.ndim != rank or tuple(x.shape[1:]) != tuple(input_shape):
         expected = "N x " + " x ".join(map(str, input_shape))
         if input_shape[0] == 1:
             expected += " (or N x " + " x ".join(map(str, input_shape[1:])) + ")"
         hint = ""
-        if x.ndim == 4 and tuple(x.shape[1:]) == (*input_shape[1:], input_shape[0]):
-            hint = "; it looks like N x H x W x C: transpose it with x.transpose(0, 3, 1, 2)"
+        if rank >= 3 and x.ndim == rank and tuple(x.shape[1:]) == (*input_shape[1:], input_shape[0]):
+            layout = {4: "N x H x W x C", 3: "N x L x C"}.get(rank, "channels last")
+            hint = (
+                f"; it looks like {layout}: transpose it with x.transpose{(0, rank - 1, *range(1, rank - 1))}"
+            )
         raise _fail(path, f"'x' has shape {tuple(x.shape)}, expected {expected}{hint}")
     if x.shape[0] == 0:
         raise _fail(path, "'x' holds no examples")
@@ -159,7 +164,7 @@ def node_data(
     node_config: Mapping[str, Any],
     seed: int,
     device: torch.device,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
 ) -> NodeData:
     """A node's training examples, from ``data-file`` or from its partition of the central data set.

@@ -1,12 +1,16 @@
 """Small models for the simulations, built by name.
 
-All models map ``N x C x H x W`` float images to ``N x num_classes`` logits. None has BatchNorm or any other
-buffer: every tensor in the state dict is a trainable parameter, so the flat vector the core compresses is the
-whole model (design.md section 3).
+All models map ``N x *input_shape`` float inputs (``N x C x H x W`` images, ``N x C x L`` 1-D signals) to
+``N x num_classes`` logits. None has BatchNorm or any other buffer: every tensor in the state dict is a trainable
+parameter, so the flat vector the core compresses is the whole model (design.md section 3).
 
 ``digits-cnn``
     Two 3x3 same-padding convolutions, 2x2 max-pool, dropout, two linear layers; sized for 1x8x8 digits
     (about 151k parameters) and adapting to any ``C x H x W`` with ``H, W >= 2``.
+``mnist1d-cnn``
+    The 1-D CNN of the MNIST-1D benchmarks (Greydanus 2020, ``ConvBase`` in the mnist1d repository's
+    ``notebooks/models.py``): three stride-2 convolutions with 25 channels and ReLU, then one linear layer.
+    5,210 parameters on 1 x 40 signals; adapts to any ``C x L`` with ``L >= 3``.
 ``mnist-cnn``
     The MNIST CNN of the COMP-AMS paper (Li, Karimi & Li, "On Distributed Adaptive Optimization with Gradient
     Compression", ICLR 2022, arXiv:2205.05632): two convolutional and two fully connected layers with ReLU,
@@ -28,12 +32,21 @@ from torch import nn
 
 __all__ = ["available_models", "build_model", "count_parameters", "default_model_for"]
 
-Shape = tuple[int, int, int]
+Shape = tuple[int, ...]
+
+
+def _require_rank(name: str, input_shape: Shape, rank: int, layout: str) -> None:
+    """Raise ``ValueError`` unless ``input_shape`` has ``rank`` dimensions (``layout`` names them)."""
+    if len(input_shape) != rank:
+        raise ValueError(
+            f"Model {name!r} needs inputs of shape {layout}, got input_shape {tuple(input_shape)}. "
+            "Use 'logreg' for any shape."
+        )
 
 
 def _require_spatial(name: str, input_shape: Shape, hw: tuple[int, int], hint: str) -> None:
-    """Raise ``ValueError`` unless the image size of ``input_shape`` is ``hw``."""
-    if tuple(input_shape[1:]) != hw:
+    """Raise ``ValueError`` unless ``input_shape`` is ``(C, H, W)`` with image size ``hw``."""
+    if len(input_shape) != 3 or tuple(input_shape[1:]) != hw:
         raise ValueError(
             f"Model {name!r} needs {hw[0]}x{hw[1]} images, got input_shape {tuple(input_shape)}. {hint}"
         )
@@ -46,6 +59,7 @@ def _digits_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
     fc(64 * (H//2) * (W//2) -> 128), ReLU, fc(128 -> num_classes). On 1x8x8 this has 151,306 parameters for 10
     classes.
     """
+    _require_rank("digits-cnn", input_shape, 3, "(C, H, W)")
     c, h, w = input_shape
     if h < 2 or w < 2:
         raise ValueError(
@@ -120,6 +134,40 @@ def _cifar_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
     )
 
 
+def _conv1d_length(length: int, kernel: int, stride: int = 2, padding: int = 1) -> int:
+    """Output length of a ``Conv1d`` (dilation 1)."""
+    return (length + 2 * padding - kernel) // stride + 1
+
+
+def _mnist1d_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build the MNIST-1D CNN, ``ConvBase`` of the mnist1d repository (``notebooks/models.py``).
+
+    conv1d(C->25, 5, stride 2, pad 1), ReLU, conv1d(25->25, 3, stride 2, pad 1), ReLU,
+    conv1d(25->25, 3, stride 2, pad 1), ReLU, flatten, fc(25 * L3 -> num_classes), where L3 is the length after
+    the three convolutions (40 -> 19 -> 10 -> 5, so fc is 125 -> 10 as in the original). On 1 x 40 signals and
+    10 classes: 150 + 1,900 + 1,900 + 1,260 = 5,210 parameters.
+    """
+    _require_rank("mnist1d-cnn", input_shape, 2, "(C, L), e.g. (1, 40) for MNIST-1D")
+    c, length = input_shape
+    out = _conv1d_length(_conv1d_length(_conv1d_length(length, 5), 3), 3)
+    if out < 1:
+        raise ValueError(
+            f"Model 'mnist1d-cnn' needs signals of length >= 3 (three stride-2 convolutions), got input_shape "
+            f"{tuple(input_shape)}."
+        )
+    channels = 25
+    return nn.Sequential(
+        nn.Conv1d(c, channels, kernel_size=5, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(channels * out, num_classes),
+    )
+
+
 def _logreg(num_classes: int, input_shape: Shape) -> nn.Module:
     """Build multinomial logistic regression: flatten, then one linear layer to the logits."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
@@ -128,6 +176,7 @@ def _logreg(num_classes: int, input_shape: Shape) -> nn.Module:
 # The only name -> model map. A builder takes (num_classes, input_shape).
 _MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
     "digits-cnn": _digits_cnn,
+    "mnist1d-cnn": _mnist1d_cnn,
     "mnist-cnn": _mnist_cnn,
     "cifar-cnn": _cifar_cnn,
     "logreg": _logreg,
@@ -135,6 +184,7 @@ _MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
 
 _DEFAULT_FOR_DATASET = {
     "digits": "digits-cnn",
+    "mnist1d": "mnist1d-cnn",
     "mnist": "mnist-cnn",
     "fashion-mnist": "mnist-cnn",
     "cifar10": "cifar-cnn",
@@ -152,12 +202,12 @@ def default_model_for(dataset: str) -> str:
     Parameters
     ----------
     dataset : str
-        A data set name (``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``).
+        A data set name (``"digits"``, ``"mnist1d"``, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``).
 
     Returns
     -------
     str
-        ``"digits-cnn"``, ``"mnist-cnn"`` or ``"cifar-cnn"``.
+        ``"digits-cnn"``, ``"mnist1d-cnn"``, ``"mnist-cnn"`` or ``"cifar-cnn"``.
 
     Raises
     ------
@@ -173,19 +223,19 @@ def default_model_for(dataset: str) -> str:
         ) from None
 
 
-def build_model(
-    name: str, num_classes: int, input_shape: tuple[int, int, int], *, seed: int | None = None
-) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: Shape, *, seed: int | None = None) -> nn.Module:
     """Build a model by name.
 
     Parameters
     ----------
     name : str
-        One of :func:`available_models`: ``"digits-cnn"``, ``"mnist-cnn"``, ``"cifar-cnn"``, ``"logreg"``.
+        One of :func:`available_models`: ``"digits-cnn"``, ``"mnist1d-cnn"``, ``"mnist-cnn"``, ``"cifar-cnn"``,
+        ``"logreg"``.
     num_classes : int
         Number of output logits (``>= 2``).
     input_shape : tuple of int
-        ``(C, H, W)`` of one input image.
+        Shape of one input, channels first: ``(C, H, W)`` for the image CNNs, ``(C, L)`` for
+        ``"mnist1d-cnn"``, any non-empty shape for ``"logreg"``.
     seed : int or None, default None
         If given, the initial weights are drawn from a CPU generator seeded with it, inside
         ``torch.random.fork_rng`` so the global torch RNG is left untouched; the same seed gives the same
@@ -199,8 +249,8 @@ def build_model(
     Raises
     ------
     ValueError
-        If ``name`` is unknown, ``num_classes < 2``, ``input_shape`` is not three positive ints, or the model
-        cannot take that input shape (e.g. ``"mnist-cnn"`` on 8x8 images).
+        If ``name`` is unknown, ``num_classes < 2``, ``input_shape`` is not a non-empty tuple of positive ints,
+        or the model cannot take that input shape (e.g. ``"mnist-cnn"`` on 8x8 images).
     """
     try:
         builder = _MODELS[name]
@@ -210,9 +260,9 @@ def build_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise ValueError(
-            f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}."
+            f"input_shape must be a non-empty tuple of positive ints (channels first), got {input_shape!r}."
         )
     if seed is None:
         return builder(num_classes, shape)

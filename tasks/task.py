@@ -4,6 +4,11 @@ Data sets and partitions are immutable and cached per process (Ray reuses worker
 clients, so each is loaded once rather than once per message). Nothing mutable is cached: client state lives in
 Flower's ``context.state`` only.
 
+With ``validation-fraction`` > 0, a seeded, stratified share of the training set is held out as a validation
+split (:func:`load_data` returns it as ``val_x``/``val_y``) before the partitioners see the training set, so no
+client ever holds a validation example, and the server and every client derive the same split from the run
+config and seed alone.
+
 A client that trains on its own data file (``tasks.local_data``) needs only the task's shape to build the model:
 :func:`task_shape` knows it for the built-in data sets without loading them, and the partitioners (which import
 flwr-datasets, about 3 s per deployment ClientApp process) are imported only when a partition is computed.
@@ -16,8 +21,8 @@ import functools
 import numpy as np
 import torch
 
-from fl_compams.config import DataConfig
-from tasks.data import DataBundle, load_dataset
+from fl_compams.config import MNIST1D_DEFAULT_SAMPLES, DataConfig
+from tasks.data import DataBundle, hold_out_validation, load_dataset
 from tasks.models import build_model, default_model_for
 
 __all__ = [
@@ -31,10 +36,12 @@ __all__ = [
     "task_shape",
 ]
 
-#: ``(input shape C x H x W, number of classes)`` of the built-in data sets, so that a client training on its
-#: own data file builds the model without the central data set (a test keeps this equal to ``load_data``).
-TASK_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+#: ``(input shape, number of classes)`` of the built-in data sets (``C x H x W`` images, ``C x L`` signals), so
+#: that a client training on its own data file builds the model without the central data set (a test keeps
+#: this equal to ``load_data``).
+TASK_SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "digits": ((1, 8, 8), 10),
+    "mnist1d": ((1, 40), 10),
     "mnist": ((1, 28, 28), 10),
     "fashion-mnist": ((1, 28, 28), 10),
     "cifar10": ((3, 32, 32), 10),
@@ -42,16 +49,85 @@ TASK_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 
 
 @functools.lru_cache(maxsize=4)
-def load_data(dataset: str, data_dir: str, download: bool) -> DataBundle:
-    """The data set (cached per process)."""
-    return load_dataset(dataset, data_dir=data_dir, download=download)
+def _dataset(dataset: str, data_dir: str, download: bool, mnist1d_samples: int) -> DataBundle:
+    return load_dataset(dataset, data_dir=data_dir, download=download, mnist1d_samples=mnist1d_samples)
+
+
+@functools.lru_cache(maxsize=4)
+def _split(
+    dataset: str, data_dir: str, download: bool, mnist1d_samples: int, fraction: float, seed: int
+) -> DataBundle:
+    return hold_out_validation(_dataset(dataset, data_dir, download, mnist1d_samples), fraction, seed)
+
+
+def _samples(data: DataConfig) -> int:
+    """``mnist1d-samples`` where it matters, else the default (so other data sets share one cache entry)."""
+    return data.mnist1d_samples if data.dataset == "mnist1d" else MNIST1D_DEFAULT_SAMPLES
+
+
+def _base(data: DataConfig) -> DataBundle:
+    """The configured data set without a validation split (cached)."""
+    return _dataset(data.dataset, data.data_dir, data.download, _samples(data))
+
+
+def load_data(
+    data: DataConfig | str,
+    data_dir: str | None = None,
+    download: bool | None = None,
+    *,
+    seed: int | None = None,
+) -> DataBundle:
+    """The configured data set with its validation split (cached per process).
+
+    Call it as ``load_data(cfg.data, seed=cfg.seed)``: the bundle's ``train_x``/``train_y`` are the training
+    examples the clients' partitions index (:func:`partitions`, :func:`client_data`), ``val_x``/``val_y`` the
+    examples held out of them (``validation-fraction`` of each class, drawn from ``seed``; empty when the
+    fraction is 0), ``test_x``/``test_y`` the fixed test set. A server evaluating on the validation split uses
+    ``bundle.val_x``/``bundle.val_y``; partition statistics use ``bundle.train_y`` with :func:`partitions`.
+
+    The older form ``load_data(dataset, data_dir, download)`` still works and means the data set with every
+    other key at its default: no validation split, and 5,000 MNIST-1D samples. It knows nothing of
+    ``validation-fraction`` or ``mnist1d-samples``, so a caller that uses partitions of a run config must use
+    the first form to index the same training set as the clients.
+
+    Parameters
+    ----------
+    data
+        The data part of the run config (``cfg.data``), or a data set name (the older form).
+    data_dir, download
+        Only with a data set name (the older form); a ``DataConfig`` carries its own.
+    seed
+        The run seed; required when ``data.validation_fraction`` > 0 (the split depends on it), ignored
+        otherwise.
+
+    Raises
+    ------
+    TypeError
+        On a mix of the two forms, or a missing seed where the split needs one.
+    """
+    if not isinstance(data, DataConfig):
+        if seed is not None:
+            raise TypeError(
+                "load_data(dataset, data_dir, download) has no validation split: pass a DataConfig"
+            )
+        return _dataset(data, data_dir or "", bool(download), MNIST1D_DEFAULT_SAMPLES)
+    if data_dir is not None or download is not None:
+        raise TypeError("load_data(data_config, seed=...) takes data-dir and download from the DataConfig")
+    if data.validation_fraction == 0.0:
+        return _base(data)
+    if seed is None:
+        raise TypeError(
+            f"load_data: validation-fraction = {data.validation_fraction} needs the run seed "
+            "(load_data(cfg.data, seed=cfg.seed)): server and clients must draw the same split"
+        )
+    return _split(data.dataset, data.data_dir, data.download, _samples(data), data.validation_fraction, seed)
 
 
 @functools.lru_cache(maxsize=16)
 def _partitions(data: DataConfig, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
     from tasks.partition import partition_indices  # imports flwr-datasets: only when needed
 
-    bundle = load_data(data.dataset, data.data_dir, data.download)
+    bundle = load_data(data, seed=seed)
     parts = partition_indices(
         bundle.train_y.numpy(),
         num_partitions,
@@ -64,7 +140,11 @@ def _partitions(data: DataConfig, num_partitions: int, seed: int) -> tuple[np.nd
 
 
 def partitions(data: DataConfig, num_partitions: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Index arrays of every client's share of the training set (deterministic for the seed)."""
+    """Index arrays of every client's share of the training set (deterministic for the seed).
+
+    The indices point into ``load_data(data, seed=seed).train_x``: the training set without the validation
+    split, so no partition holds a validation example.
+    """
     return _partitions(data, num_partitions, seed)
 
 
@@ -74,7 +154,7 @@ def client_data(
     """Training examples of one client, on ``device``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
-    bundle = load_data(data.dataset, data.data_dir, data.download)
+    bundle = load_data(data, seed=seed)
     idx = torch.from_numpy(partitions(data, num_partitions, seed)[partition_id])
     return bundle.train_x[idx].to(device), bundle.train_y[idx].to(device)
 
@@ -85,11 +165,11 @@ def make_model(data: DataConfig, bundle: DataBundle, seed: int) -> torch.nn.Modu
     return build_model(name, bundle.num_classes, bundle.input_shape, seed=seed)
 
 
-def task_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
+def task_shape(data: DataConfig) -> tuple[tuple[int, ...], int]:
     """``(input shape, number of classes)`` of the configured data set, without loading it when it is built in."""
     if data.dataset in TASK_SHAPES:
         return TASK_SHAPES[data.dataset]
-    bundle = load_data(data.dataset, data.data_dir, data.download)
+    bundle = _base(data)
     return bundle.input_shape, bundle.num_classes
 
 

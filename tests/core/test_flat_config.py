@@ -93,6 +93,11 @@ def test_defaults_parse_and_round_trip():
         ({"local-steps": 0}, "'local-steps': must be an integer >= 1"),
         ({"seed": "1"}, "'seed': expected an integer"),
         ({"nesterov": True}, "'nesterov': only applies"),
+        ({"dataset": "mnist-1d"}, "'dataset': must be one of"),
+        ({"mnist1d-samples": 995}, "'mnist1d-samples': must be a multiple of 10"),
+        ({"mnist1d-samples": 0}, "'mnist1d-samples'"),
+        ({"validation-fraction": 0.6}, r"'validation-fraction': must be a number in \[0.0, 0.5\]"),
+        ({"validation-fraction": -0.1}, "'validation-fraction'"),
     ],
 )
 def test_bad_config_is_rejected_with_the_key_named(override, match):

@@ -6,6 +6,7 @@ import torch
 
 from fl_compams import nodes
 from fl_compams.config import parse_config
+from tasks.data import available_datasets
 from tasks.local_data import LocalDataError, load_npz, node_data
 from tasks.task import TASK_SHAPES, client_data, load_data, make_model, model_for_task, task_shape
 
@@ -132,4 +133,24 @@ def test_task_shapes_match_the_loaded_data_and_the_model():
     assert task_shape(cfg.data) == TASK_SHAPES["digits"] == (bundle.input_shape, bundle.num_classes)
     a, b = model_for_task(cfg.data, 3).state_dict(), make_model(cfg.data, bundle, 3).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert set(TASK_SHAPES) <= {"digits", "mnist", "fashion-mnist", "cifar10"}
+    assert set(TASK_SHAPES) <= set(available_datasets())
+
+
+def test_one_dimensional_signals_load_with_or_without_the_channel_axis(tmp_path, np_rng):
+    shape = TASK_SHAPES["mnist1d"][0]
+    assert shape == (1, 40)
+    x2 = np_rng.standard_normal((3, 40))
+    x, _ = load_npz(write(tmp_path, x=x2, y=np.array([0, 1, 9])), shape, CLASSES)
+    assert x.shape == (3, 1, 40) and np.allclose(x[:, 0], x2.astype(np.float32))
+    x3, _ = load_npz(
+        write(tmp_path, "c.npz", x=x2[:, None].astype(np.float32), y=np.zeros(3, int)), shape, 10
+    )
+    assert np.array_equal(x3, x)
+    with pytest.raises(LocalDataError, match=r"expected N x 1 x 40 \(or N x 40\)"):
+        load_npz(
+            write(tmp_path, "w.npz", x=np.zeros((3, 1, 8, 8), np.float32), y=np.zeros(3, int)), shape, 10
+        )
+    with pytest.raises(LocalDataError, match=r"N x L x C: transpose it with x.transpose\(0, 2, 1\)"):
+        load_npz(
+            write(tmp_path, "t.npz", x=np.zeros((3, 40, 2), np.float32), y=np.zeros(3, int)), (2, 40), 10
+        )

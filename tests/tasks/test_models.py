@@ -8,6 +8,7 @@ from tasks.models import available_models, build_model, count_parameters, defaul
 
 NATIVE_SHAPES = {
     "digits-cnn": (1, 8, 8),
+    "mnist1d-cnn": (1, 40),
     "mnist-cnn": (1, 28, 28),
     "cifar-cnn": (3, 32, 32),
     "logreg": (1, 8, 8),
@@ -44,6 +45,9 @@ def test_parameter_counts():
     assert count_parameters(build_model("mnist-cnn", 10, (1, 28, 28))) == 1_199_882  # fc1 is 9216 -> 128
     assert count_parameters(build_model("cifar-cnn", 10, (3, 32, 32))) == 620_362
     assert count_parameters(build_model("logreg", 10, (1, 8, 8))) == 650
+    # ConvBase of the MNIST-1D repository: conv 1->25 k5 (150), 25->25 k3 (1,900) twice, fc 125 -> 10 (1,260)
+    assert count_parameters(build_model("mnist1d-cnn", 10, (1, 40))) == 5_210
+    assert count_parameters(build_model("logreg", 10, (1, 40))) == 410
 
 
 def test_shapes_adapt_where_meaningful():
@@ -51,6 +55,29 @@ def test_shapes_adapt_where_meaningful():
     assert build_model("digits-cnn", 4, (3, 12, 10))(torch.zeros(2, 3, 12, 10)).shape == (2, 4)
     assert build_model("mnist-cnn", 10, (3, 28, 28))(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
     assert build_model("cifar-cnn", 100, (1, 32, 32))(torch.zeros(2, 1, 32, 32)).shape == (2, 100)
+    assert build_model("mnist1d-cnn", 3, (2, 100))(torch.zeros(2, 2, 100)).shape == (2, 3)
+    assert build_model("mnist1d-cnn", 10, (1, 3))(torch.zeros(2, 1, 3)).shape == (2, 10)
+    assert build_model("logreg", 10, (1, 40))(torch.zeros(2, 1, 40)).shape == (2, 10)
+
+
+def test_mnist1d_cnn_is_the_repositorys_convbase():
+    model = build_model("mnist1d-cnn", 10, (1, 40), seed=0)
+    convs = [m for m in model if isinstance(m, nn.Conv1d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in convs] == [
+        (1, 25, (5,), (2,), (1,)),
+        (25, 25, (3,), (2,), (1,)),
+        (25, 25, (3,), (2,), (1,)),
+    ]
+    assert sum(isinstance(m, nn.ReLU) for m in model) == 3
+    (fc,) = [m for m in model if isinstance(m, nn.Linear)]
+    assert (fc.in_features, fc.out_features) == (125, 10)  # 25 channels x length 5 (40 -> 19 -> 10 -> 5)
+    x = torch.randn(8, 1, 40, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        for p in model.parameters()
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,6 +86,10 @@ def test_shapes_adapt_where_meaningful():
         ("mnist-cnn", (1, 8, 8), "28x28"),
         ("cifar-cnn", (1, 28, 28), "32x32"),
         ("digits-cnn", (1, 1, 8), "2x2"),
+        ("digits-cnn", (1, 40), r"\(C, H, W\)"),
+        ("mnist-cnn", (1, 40), "28x28"),
+        ("mnist1d-cnn", (1, 8, 8), r"\(C, L\)"),
+        ("mnist1d-cnn", (1, 2), "length >= 3"),
     ],
 )
 def test_input_shape_mismatch_raises(name, shape, match):
@@ -72,13 +103,14 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="num_classes"):
         build_model("logreg", 1, (1, 8, 8))
     with pytest.raises(ValueError, match="input_shape"):
-        build_model("logreg", 10, (8, 8))
+        build_model("logreg", 10, ())
     with pytest.raises(ValueError, match="input_shape"):
         build_model("logreg", 10, (1, 0, 8))
 
 
 def test_default_models():
     assert default_model_for("digits") == "digits-cnn"
+    assert default_model_for("mnist1d") == "mnist1d-cnn"
     assert default_model_for("mnist") == "mnist-cnn"
     assert default_model_for("fashion-mnist") == "mnist-cnn"
     assert default_model_for("cifar10") == "cifar-cnn"
