@@ -25,10 +25,19 @@ from fl_compams import (
     protocol,
     to_bytes,
 )
+from fl_compams.algorithm import (
+    Outcome,
+    ServerReply,
+    WorkerState,
+    instruction_for,
+    server_step,
+    worker_begin,
+    worker_end,
+)
 from fl_compams.codec import HEADER_SIZE, MAGIC, Reader, Writer
 from fl_compams.compressors import COMPRESSORS, Compressor, Payload, registered
 from fl_compams.compressors.base import TOPK_RATIO, register
-from fl_compams.config import schema
+from fl_compams.config import build_algorithm, schema
 from fl_compams.schema import key, num_range
 from fl_compams.server import apply_round, init_server_state
 
@@ -161,6 +170,27 @@ def test_server_round_over_the_wire(halve):
     torch.testing.assert_close(g_bar, sum(c(x) for x in xs) / 3)
     assert state.round == 1
     assert torch.all(state.theta[1::2] == 0) and torch.all(state.theta[::2] != 0)
+
+
+def test_client_step_and_server_step_of_the_algorithm_layer(halve):
+    # The same path the ClientApp and the strategy take: worker_begin/worker_end on each client, wire bytes,
+    # server_step on the server, the statuses back to the clients.
+    cfg = parse_config({"compressor": "halve", "halve-scale": 0.5})
+    algorithm = build_algorithm(cfg)
+    state = init_server_state(torch.zeros(D), algorithm.server_opt)
+    workers = {f"w{i}": WorkerState() for i in range(3)}
+    for rnd in (1, 2):
+        replies = []
+        for i, (label, worker) in enumerate(workers.items()):
+            worker, begun = worker_begin(algorithm, worker, instruction_for(state, label, rnd), dim=D)
+            update = torch.randn(D, generator=torch.Generator().manual_seed(10 * rnd + i))
+            reply, workers[label] = worker_end(algorithm, worker, update, round=rnd, acked=begun.acked)
+            payload = from_bytes(reply.payload, D, expected_kind=algorithm.compressor.kind)
+            replies.append(ServerReply(label, rnd, payload, 1, reply.acked))
+        state, report = server_step(algorithm, state, rnd, replies)
+        assert report.applied and all(s.outcome == Outcome.APPLIED for s in report.statuses.values())
+    assert state.round == 2 and torch.all(state.theta[1::2] == 0)
+    assert all(w.residual[1::2].abs().min() > 0 for w in workers.values())  # odd coordinates wait in e
 
 
 def test_registry_refuses_clashes():
