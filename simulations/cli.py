@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return 0
         _run_all(todo, args)
-    from simulations.report import write_report
+    from simulations.report.write import write_report
 
     path = write_report(args.preset, runs_root=args.runs, out_root=args.out, dataset=args.dataset)
     print(f"report: {path}")

@@ -7,8 +7,8 @@ import pytest
 
 import simulations.report.plots as plots
 import simulations.report.write as write
-from simulations.report import write_report
 from simulations.report.stats import SMOOTH_WINDOW, smoothed
+from simulations.report.write import write_report
 from simulations.sweep import is_complete, plan_runs
 
 
