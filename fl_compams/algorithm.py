@@ -251,6 +251,8 @@ def worker_begin(
             f"instruction for round {instruction.round} arrived while the reply of round {pending.round} is "
             "pending and no status for it was sent"
         )
+    if status is not None and status.outcome == Outcome.APPLIED and status.factor == 1.0:
+        return state._replace(pending=None), BeginReport(acked=acked, resolved=status)  # the common case
     sent = from_bytes(pending.payload, dim, device=state.residual.device).decode().to(state.residual.dtype)
     if status is None or status.outcome == Outcome.LOST:
         residual = state.residual + sent
