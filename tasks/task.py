@@ -70,56 +70,16 @@ def _base(data: DataConfig) -> DataBundle:
     return _dataset(data.dataset, data.data_dir, data.download, _samples(data))
 
 
-def load_data(
-    data: DataConfig | str,
-    data_dir: str | None = None,
-    download: bool | None = None,
-    *,
-    seed: int | None = None,
-) -> DataBundle:
+def load_data(data: DataConfig, seed: int) -> DataBundle:
     """The configured data set with its validation split (cached per process).
 
-    Call it as ``load_data(cfg.data, seed=cfg.seed)``: the bundle's ``train_x``/``train_y`` are the training
-    examples the clients' partitions index (:func:`partitions`, :func:`client_data`), ``val_x``/``val_y`` the
-    examples held out of them (``validation-fraction`` of each class, drawn from ``seed``; empty when the
-    fraction is 0), ``test_x``/``test_y`` the fixed test set. A server evaluating on the validation split uses
-    ``bundle.val_x``/``bundle.val_y``; partition statistics use ``bundle.train_y`` with :func:`partitions`.
-
-    The older form ``load_data(dataset, data_dir, download)`` still works and means the data set with every
-    other key at its default: no validation split, and 5,000 MNIST-1D samples. It knows nothing of
-    ``validation-fraction`` or ``mnist1d-samples``, so a caller that uses partitions of a run config must use
-    the first form to index the same training set as the clients.
-
-    Parameters
-    ----------
-    data
-        The data part of the run config (``cfg.data``), or a data set name (the older form).
-    data_dir, download
-        Only with a data set name (the older form); a ``DataConfig`` carries its own.
-    seed
-        The run seed; required when ``data.validation_fraction`` > 0 (the split depends on it), ignored
-        otherwise.
-
-    Raises
-    ------
-    TypeError
-        On a mix of the two forms, or a missing seed where the split needs one.
+    ``train_x``/``train_y`` are the training examples the clients' partitions index (:func:`partitions`,
+    :func:`client_data`), ``val_x``/``val_y`` the examples held out of them (``validation-fraction`` of each
+    class, drawn from ``seed``; empty when the fraction is 0), ``test_x``/``test_y`` the fixed test set. Server and
+    clients call it with the same config and seed, so they agree on every split.
     """
-    if not isinstance(data, DataConfig):
-        if seed is not None:
-            raise TypeError(
-                "load_data(dataset, data_dir, download) has no validation split: pass a DataConfig"
-            )
-        return _dataset(data, data_dir or "", bool(download), MNIST1D_DEFAULT_SAMPLES)
-    if data_dir is not None or download is not None:
-        raise TypeError("load_data(data_config, seed=...) takes data-dir and download from the DataConfig")
     if data.validation_fraction == 0.0:
         return _base(data)
-    if seed is None:
-        raise TypeError(
-            f"load_data: validation-fraction = {data.validation_fraction} needs the run seed "
-            "(load_data(cfg.data, seed=cfg.seed)): server and clients must draw the same split"
-        )
     return _split(data.dataset, data.data_dir, data.download, _samples(data), data.validation_fraction, seed)
 
 

@@ -69,7 +69,7 @@ def test_identity_full_batch_equals_centralized_amsgrad(tmp_path):
     path, rows = run(tmp_path, "identity", 3, **overrides)
     assert len(rows) == 4
     cfg = parse_config(overrides)
-    bundle = load_data("digits", "", False)
+    bundle = load_data(cfg.data, cfg.seed)
     model = make_model(cfg.data, bundle, cfg.seed)
     spec = ParamSpec.from_module(model)
     opt = AMSGrad(lr=0.05)

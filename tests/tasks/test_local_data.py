@@ -129,7 +129,7 @@ def test_node_without_data_source_gets_a_clear_error():
 
 def test_task_shapes_match_the_loaded_data_and_the_model():
     cfg = parse_config({})
-    bundle = load_data("digits", "", False)
+    bundle = load_data(cfg.data, cfg.seed)
     assert task_shape(cfg.data) == TASK_SHAPES["digits"] == (bundle.input_shape, bundle.num_classes)
     a, b = model_for_task(cfg.data, 3).state_dict(), make_model(cfg.data, bundle, 3).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -114,7 +114,6 @@ def test_default_config_data_and_partitions_are_unchanged():
     cfg = parse_config({})
     assert cfg.data.validation_fraction == 0.0
     bundle = load_data(cfg.data, seed=cfg.seed)
-    assert bundle is load_data("digits", "", False)  # the older call gives the very same bundle
     assert bundle.num_val == 0
     old = load_dataset("digits")  # the pre-validation code path: partitions of the whole training split
     assert torch.equal(bundle.train_x, old.train_x) and torch.equal(bundle.test_y, old.test_y)
@@ -124,16 +123,3 @@ def test_default_config_data_and_partitions_are_unchanged():
         )
         after = partitions(cfg.data, n, seed)
         assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
-
-
-def test_load_data_forms_and_their_errors():
-    cfg = parse_config({"validation-fraction": 0.1})
-    with pytest.raises(TypeError, match="needs the run seed"):
-        load_data(cfg.data)
-    with pytest.raises(TypeError, match="takes data-dir and download from the DataConfig"):
-        load_data(cfg.data, "", False, seed=0)
-    with pytest.raises(TypeError, match="pass a DataConfig"):
-        load_data("digits", "", False, seed=0)
-    assert load_data(parse_config({}).data) is load_data(
-        "digits", "", False
-    )  # no split: the seed is not needed
