@@ -30,7 +30,7 @@ from fl_compams.flat import ParamSpec, unflatten
 from fl_compams.server import ServerState
 from strategies.traffic import RoundTraffic, sorted_by_label
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr").getChild(__name__)  # shown in the `flwr run` stream beside Flower's own lines
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,31 @@ class CompAMS(FedAvg):
             data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
         )
         return ValidReply(ServerReply(label, rnd, payload, n, acked), len(data), dict(metrics))
+
+    def summary(self) -> None:
+        """Log what this strategy does (Flower's start banner; FedAvg's would name its num-examples weighting)."""
+        a = self.algorithm
+        bound = f"{a.bound.action} above {a.bound.max_norm:g}" if a.bound.max_norm else "off"
+        log.info(
+            "\t├──> Sampling: fraction-train %.2f, at least %d nodes",
+            self.fraction_train,
+            self.min_train_nodes,
+        )
+        log.info(
+            "\t├──> Algorithm %r: uplink %s, error feedback %s%s",
+            a.name,
+            type(a.compressor).__name__,
+            "on (acknowledged)" if a.error_feedback else "off",
+            ", local Adam (QAdam)" if a.local_opt is not None else "",
+        )
+        log.info(
+            "\t├──> Server: %s, replies averaged %s, bound %s, min-valid-replies %d",
+            type(a.server_opt).__name__,
+            "uniformly" if a.weighting == "uniform" else "by num-examples",
+            bound,
+            a.min_valid_replies,
+        )
+        log.info("\t└──> Evaluation: central, on the server's test set (no federated evaluation round)")
 
     # ------------------------------------------------------------------------------------------ helpers
     def current_arrays(self) -> ArrayRecord:

@@ -37,7 +37,7 @@ from tasks.partition import partition_stats
 from tasks.task import load_data, make_model, partitions, resolve_device
 from tasks.training import evaluate
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr").getChild(__name__)  # shown in the `flwr run` stream beside Flower's own lines
 app = ServerApp()
 
 
