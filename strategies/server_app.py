@@ -101,7 +101,7 @@ def run_server(
         else:
             for hook in hooks:
                 hook(rnd, arrays, row)
-            log.info("round %d: accuracy %.4f loss %.4f", rnd, row["accuracy"], row["loss"])
+            log.debug("round %d: accuracy %.4f loss %.4f", rnd, row["accuracy"], row["loss"])
         return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
 
     remaining = cfg.server.num_server_rounds - done
