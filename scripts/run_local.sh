@@ -12,6 +12,7 @@ export FLWR_TELEMETRY_ENABLED=0 RAY_USAGE_STATS_ENABLED=0 RAY_ACCEL_ENV_VAR_OVER
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_DISABLE_UPDATE_CHECK=1
 export PATH="$VENV_BIN:$PATH"
 mkdir -p "$FLWR_HOME"
+python -c 'import importlib.metadata as m; print("versions: " + ", ".join(f"{p} {m.version(p)}" for p in ("flwr", "ray", "torch")))'
 
 PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat > "$FLWR_HOME/config.toml" <<TOML
