@@ -73,6 +73,7 @@ class Proc:
 
     def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str], cwd: Path) -> None:
         self.name, self.args, self.log = name, args, log
+        self.seen: set[int] = set()  # descendants seen by wait(): stop() ends those that outlived the process
         with open(log, "ab") as out:
             self.popen = subprocess.Popen(
                 args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
@@ -88,9 +89,17 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait(self, timeout: float) -> int | None:
+        """Its exit code once it has exited, ``None`` after ``timeout`` s; notes its descendants meanwhile."""
+        deadline = time.monotonic() + timeout
+        while self.running() and time.monotonic() < deadline:
+            self.seen.update(descendants(self.pid))
+            time.sleep(0.2)
+        return self.popen.poll()
+
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM to the process group, SIGKILL after ``grace`` seconds; stray descendants by PID."""
-        family = descendants(self.pid)
+        family = set(descendants(self.pid)) | self.seen
         if self.running():
             try:
                 os.killpg(self.pid, signal.SIGTERM)
@@ -125,10 +134,12 @@ class Deployment:
         Scratch directory (FLWR_HOME, logs).
     certs
         Directory with ``ca.crt``, ``server.crt``, ``server.key`` for TLS; ``None`` = ``--insecure``.
+    supernode_auth
+        Start the SuperLink with ``--enable-supernode-auth`` (needs ``certs``): only registered keys may join.
     """
 
-    def __init__(self, tmp: Path, certs: Path | None = None) -> None:
-        self.tmp, self.certs = tmp, certs
+    def __init__(self, tmp: Path, certs: Path | None = None, supernode_auth: bool = False) -> None:
+        self.tmp, self.certs, self.supernode_auth = tmp, certs, supernode_auth
         self.home = tmp / "flwr-home"
         self.logs = tmp / "logs"
         self.home.mkdir(parents=True)
@@ -143,14 +154,11 @@ class Deployment:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        tls = f'root-certificates = "{certs / "ca.crt"}"' if certs else "insecure = true"
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.port}"\n{tls}\n'
-        )
+        self.write_cli_config(self.home, f"127.0.0.1:{self.port}")
         self.superlink: Proc | None = None
         self.supernodes: dict[str, Proc] = {}
         self.cli: list[Proc] = []
+        self.helpers: list[Proc] = []  # other processes of the deployment, such as a proxy
 
     # --------------------------------------------------------------------------------------------- processes
     def _tls_args(self, server: bool) -> list[str]:
@@ -170,6 +178,8 @@ class Deployment:
     def start_superlink(self, timeout: float = 60) -> None:
         args = [str(BIN / "flower-superlink"), *self._tls_args(server=True)]
         args += ["--host", "127.0.0.1", "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.supernode_auth:
+            args.append("--enable-supernode-auth")
         self.superlink = Proc("superlink", args, self.logs / "superlink.log", self.env, self.tmp)
         scheme = "https" if self.certs else "http"
         context = None
@@ -188,14 +198,30 @@ class Deployment:
                     ) from err
                 time.sleep(0.3)
 
-    def start_supernode(self, name: str, node_config: str, timeout: float = 60) -> int:
-        """Start a SuperNode and return its node id once it is connected."""
+    def _supernode(
+        self, name: str, node_config: str, key: Path | None, superlink: str | None
+    ) -> tuple[Proc, int]:
+        """Start a SuperNode (private key ``key``, SuperLink address ``superlink``); its log offset."""
         args = [str(BIN / "flower-supernode"), *self._tls_args(server=False)]
-        args += ["--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port())]
+        args += ["--superlink", superlink or f"127.0.0.1:{self.port}", "--port", str(free_port())]
         args += ["--node-config", node_config]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(key)]
         log = self.logs / f"supernode-{name}.log"
         offset = log.stat().st_size if log.exists() else 0
-        proc = self.supernodes[name] = Proc(name, args, log, self.env, self.tmp)
+        return Proc(name, args, log, self.env, self.tmp), offset
+
+    def start_supernode(
+        self,
+        name: str,
+        node_config: str,
+        timeout: float = 60,
+        key: Path | None = None,
+        superlink: str | None = None,
+    ) -> int:
+        """Start a SuperNode and return its node id once it is connected."""
+        proc, offset = self._supernode(name, node_config, key, superlink)
+        self.supernodes[name] = proc
         deadline = time.monotonic() + timeout
         while True:
             text = proc.text()[offset:]
@@ -204,6 +230,29 @@ class Deployment:
             if not proc.running() or time.monotonic() > deadline:
                 raise RuntimeError(f"SuperNode {name} did not connect:\n{text[-3000:]}")
             time.sleep(0.2)
+
+    def refused_supernode(
+        self, name: str, node_config: str, key: Path | None = None, timeout: float = 60
+    ) -> tuple[int, str]:
+        """Start a SuperNode the SuperLink should refuse; its exit code and log once it has exited.
+
+        Raises if it is still running after ``timeout`` seconds (it was let in, or hangs); it is stopped then.
+        """
+        proc, offset = self._supernode(name, node_config, key, None)
+        code = proc.wait(timeout)
+        proc.stop()  # also its detached SuperExec, if that is still there
+        text = proc.text()[offset:]
+        if code is None:
+            raise RuntimeError(f"SuperNode {name} was not refused within {timeout} s:\n{text[-3000:]}")
+        return code, text
+
+    free_port = staticmethod(free_port)
+
+    def start_helper(self, name: str, args: list[str]) -> Proc:
+        """Another process of the deployment (log ``logs/<name>.log``), stopped after the SuperNodes."""
+        proc = Proc(name, args, self.logs / f"{name}.log", self.env, self.tmp)
+        self.helpers.append(proc)
+        return proc
 
     def stop_supernode(self, name: str) -> None:
         self.supernodes.pop(name).stop()
@@ -217,16 +266,27 @@ class Deployment:
                 self.stop_supernode(name)
             except Exception as err:  # keep stopping the others
                 errors.append(err)
+        for proc in self.helpers:
+            proc.stop(grace=5)
         if self.superlink is not None:
             self.superlink.stop()
         if errors:
             raise errors[0]
 
     # --------------------------------------------------------------------------------------------- flwr CLI
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    def write_cli_config(self, home: Path, address: str) -> None:
+        """``home/config.toml``: connection ``dep`` to ``address``, trusting this deployment's CA (if TLS)."""
+        tls = f'root-certificates = "{self.certs / "ca.crt"}"' if self.certs else "insecure = true"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}\n'
+        )
+
+    def flwr(self, *args: str, timeout: float = 120, home: Path | None = None) -> subprocess.CompletedProcess:
+        """The flwr CLI with this deployment's FLWR_HOME, or with ``home`` (another CLI's config.toml)."""
         return subprocess.run(
             [str(BIN / "flwr"), *args],
-            env=self.env,
+            env=self.env if home is None else {**self.env, "FLWR_HOME": str(home)},
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -240,12 +300,19 @@ class Deployment:
         self.cli.append(proc)
         return proc
 
+    def flwr_json(self, *args: str, home: Path | None = None) -> dict:
+        """``flwr <args> dep --format json``: its JSON answer (``"success"`` says whether it worked)."""
+        proc = self.flwr(*args, CONNECTION, "--format", "json", home=home)
+        try:
+            return json.loads(proc.stdout)
+        except json.JSONDecodeError as err:
+            raise RuntimeError(f"flwr {' '.join(args)} gave no JSON: {proc.stdout}{proc.stderr}") from err
+
     def runs(self) -> list[dict]:
         """``flwr ls dep --format json``: every run of this SuperLink with its status."""
-        proc = self.flwr("ls", CONNECTION, "--format", "json")
-        out = json.loads(proc.stdout)
+        out = self.flwr_json("ls")
         if not out.get("success"):
-            raise RuntimeError(f"flwr ls failed: {proc.stdout}{proc.stderr}")
+            raise RuntimeError(f"flwr ls failed: {out}")
         return out["runs"]
 
     def diagnostics(self) -> str:
@@ -256,11 +323,11 @@ class Deployment:
 
 @pytest.fixture
 def deployment(tmp_path) -> Iterator[callable]:
-    """Factory: ``deployment(certs=None)`` starts a SuperLink; everything started is stopped at teardown."""
+    """Factory: ``deployment(certs=None, supernode_auth=False)`` starts a SuperLink; all is stopped at teardown."""
     started: list[Deployment] = []
 
-    def make(certs: Path | None = None) -> Deployment:
-        dep = Deployment(tmp_path / f"dep{len(started)}", certs)
+    def make(certs: Path | None = None, supernode_auth: bool = False) -> Deployment:
+        dep = Deployment(tmp_path / f"dep{len(started)}", certs, supernode_auth)
         started.append(dep)
         dep.start_superlink()
         return dep
