@@ -70,6 +70,7 @@ __all__ = [
     "encode_state",
     "previous_path",
     "read_state",
+    "safe_name",
     "state_path",
     "write_state",
 ]
@@ -138,13 +139,14 @@ class PersistedState:
     node_id: int = 0
 
 
+def safe_name(text: str) -> str:
+    """``text`` with every character other than ``A-Z a-z 0-9 . _ -`` replaced by ``_`` (no path separators)."""
+    return _UNSAFE.sub("_", text)
+
+
 def state_path(state_dir: str | Path, run_key: str, node_key: str) -> Path:
-    """``<state-dir>/run-<run key>/<node key>.state``; characters other than ``A-Z a-z 0-9 . _ -`` become ``_``."""
-    return (
-        Path(state_dir).expanduser()
-        / f"run-{_UNSAFE.sub('_', run_key)}"
-        / f"{_UNSAFE.sub('_', node_key)}.state"
-    )
+    """``<state-dir>/run-<run key>/<node key>.state``, both keys through :func:`safe_name`."""
+    return Path(state_dir).expanduser() / f"run-{safe_name(run_key)}" / f"{safe_name(node_key)}.state"
 
 
 def previous_path(path: str | Path) -> Path:

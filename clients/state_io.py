@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import warnings
 from pathlib import Path
 
@@ -42,7 +41,6 @@ STATE_DIR_KEY = "state-dir"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
 RUN_NAME_KEY = "run-name"
 OUT_DIR_KEY = "out-dir"
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _tensor(arr: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
@@ -126,7 +124,7 @@ def run_key_for(out_dir: str, run_name: str, run_id: int) -> str:
     if not run_name:
         return f"flower-run-{run_id & 0xFFFFFFFFFFFFFFFF}"
     digest = hashlib.sha256(json.dumps([out_dir, run_name]).encode("utf-8")).hexdigest()[:16]
-    return f"{_UNSAFE.sub('_', run_name)[:64]}-{digest}"
+    return f"{persist.safe_name(run_name)[:64]}-{digest}"
 
 
 def run_key(context: Context) -> str:
