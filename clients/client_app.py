@@ -8,7 +8,8 @@ payload's wire bytes, the round, the acknowledgement and metrics.
 
 Data: a partition of the central data set (node config ``partition-id``, ``num-partitions``) or the node's own
 ``.npz`` file (``data-file``), see :mod:`tasks.local_data`. State: ``context.state``, mirrored to node-local disk
-when the node config sets ``state-dir`` so that it survives a SuperNode restart, see :mod:`clients.state_io`.
+when the node config sets ``state-dir`` so that it survives a SuperNode restart and a resumed run (it is filed
+under the run's ``out-dir`` and ``run-name`` from the run config), see :mod:`clients.state_io`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
         lr_steps = cfg.train.local_lr * cfg.train.local_steps
         return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
     algorithm = build_algorithm(cfg, spec.block_sizes)
-    state_io.restore_from_disk(context, spec.dim)  # after a SuperNode restart (node config state-dir)
+    # node config state-dir: a restarted SuperNode, or the first round of a resumed run
+    state_io.restore_from_disk(context, spec.dim, server_round=server_round)
     worker = state_io.load_worker_state(context.state, spec.dim, device)
     instruction = Instruction(server_round, _statuses(msg))
     worker, begun = worker_begin(algorithm, worker, instruction, dim=spec.dim, device=device)
@@ -73,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
     reply, worker = worker_end(algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked)
     state_io.save_worker_state(context.state, worker)
-    state_io.save_to_disk(context, spec.dim)
+    state_io.save_to_disk(context, spec.dim, server_round=server_round)
     metrics |= {
         protocol.RESIDUAL_NORM: float(worker.residual.norm()) if worker.residual is not None else 0.0,
         protocol.RESIDUAL_NORM_IN: residual_in,

@@ -1,23 +1,29 @@
-"""Client state on node-local disk, so a restarted SuperNode continues with its error-feedback residual.
+"""Client state on node-local disk, so a node continues with its error-feedback residual after a restart.
 
 Opt-in with the SuperNode's node config ``state-dir='/path'``. After every training round the ClientApp writes the
 node's state, i.e. every array it keeps in ``context.state`` (the EF residual, QAdam's local moments, ...) and the
-rounds counter, to ``<state-dir>/run-<run id>/<node key>.state``; a ClientApp whose ``context.state`` is empty
-(the first round after a SuperNode restart) reads it back.
+rounds counter, to ``<state-dir>/run-<run key>/<node key>.state``; a ClientApp whose ``context.state`` is empty
+(the first round after a SuperNode restart, or of a resumed run) reads it back. The run key names the run, not
+Flower's run id, which changes when a run is resumed (:func:`clients.state_io.run_key`). The file it replaces is
+kept as ``<node key>.state.prev`` when it is the state of an earlier round, so a server that resumes one round
+behind its clients finds the state they had before that round (:func:`write_state`).
 
-File format, version 1 (integers little-endian; no pickle, no numpy object arrays)::
+File format, version 2 (integers little-endian; no pickle, no numpy object arrays)::
 
     offset  size     field
     0       8        magic  b"CAMSEFST"
-    8       2        format version (u16) = 1
+    8       2        format version (u16) = 2
     10      2        flags (u16) = 0 (reserved)
-    12      8        run id (u64)
+    12      8        Flower run id of the writer (u64; informative: a resumed run gets a new run id)
     20      8        node id of the writer (u64; informative: a restarted SuperNode gets a new node id)
-    28      8        rounds the state has seen (u64)
-    36      8        model dimension d the state belongs to (u64)
-    44      2        length k of the node key (u16)
-    46      2        number of arrays (u16)
-    48      k        node key, UTF-8 (``partition-3``, ``node-<node-name>`` or ``node-<node id>``)
+    28      8        server round after whose training the state was written (u64)
+    36      8        rounds the state has seen (u64)
+    44      8        model dimension d the state belongs to (u64)
+    52      2        length j of the run key (u16)
+    54      2        length k of the node key (u16)
+    56      2        number of arrays (u16)
+    58      j        run key, UTF-8 (``<run-name>-<16 hex digits>``, or ``flower-run-<id>``)
+    58 + j  k        node key, UTF-8 (``partition-3``, ``node-<node-name>`` or ``node-<node id>``)
     then, per array:
             2 + r    length and UTF-8 name of its record in context.state (``ef``)
             2 + a    length and UTF-8 name of the array in that record (``residual``)
@@ -27,8 +33,10 @@ File format, version 1 (integers little-endian; no pickle, no numpy object array
             ...      the values, little-endian, C order
     end-32  32       SHA-256 of every byte before it
 
-So the file of one EF residual of the digits CNN (d = 151,306) for node key ``partition-0`` is
-48 + 11 + (2 + 2 + 2 + 8 + 1 + 1 + 8) + 4 d + 32 = 605,339 bytes.
+So the file of one EF residual of the digits CNN (d = 151,306) for node key ``partition-0`` in a run keyed
+``exp-0123456789abcdef`` (20 bytes) is 58 + 20 + 11 + (2 + 2 + 2 + 8 + 1 + 1 + 8) + 4 d + 32 = 605,369 bytes.
+Version 1 files (keyed by Flower's run id, without a run key or round) are refused: they cannot be matched to a
+run, and they lie in ``run-<run id>`` directories that version 2 never reads.
 
 Writes are atomic: the bytes go to a temporary file in the same directory, which is flushed, fsync'ed and then
 renamed over the old file with ``os.replace``, so a crash leaves either the old or the new file, never a torn one.
@@ -60,7 +68,9 @@ __all__ = [
     "arrays_of",
     "decode_state",
     "encode_state",
+    "previous_path",
     "read_state",
+    "safe_name",
     "state_path",
     "write_state",
 ]
@@ -68,7 +78,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAGIC = b"CAMSEFST"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: dtype code -> numpy dtype (little-endian); the codes are part of the file format: never renumber them.
 DTYPES: dict[int, np.dtype] = {
     1: np.dtype("<f2"),
@@ -85,7 +95,7 @@ DTYPES: dict[int, np.dtype] = {
     12: np.dtype("?"),
 }
 _CODES = {dt: code for code, dt in DTYPES.items()}
-_HEADER = struct.Struct("<8sHHQQQQHH")
+_HEADER = struct.Struct("<8sHHQQQQQHHH")
 _DIGEST = hashlib.sha256().digest_size
 _U64 = 0xFFFFFFFFFFFFFFFF
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -103,29 +113,46 @@ class PersistedState:
 
     Attributes
     ----------
-    run_id, node_id : int
-        The run, and the node id of the SuperNode that wrote the file.
+    run_key : str
+        The run the state belongs to, stable across resumes (:func:`clients.state_io.run_key`).
     node_key : str
         The node's stable key (see :func:`state_path`).
+    round : int
+        The server round after whose training the state was written.
     rounds : int
         Training rounds this state has seen.
     dim : int
         Dimension of the model the state belongs to.
     arrays : dict
         ``{record name: {array name: numpy array}}``, the ArrayRecords of ``context.state``.
+    run_id, node_id : int
+        Flower's run id and the node id of the SuperNode that wrote the file (informative only).
     """
 
-    run_id: int
-    node_id: int
+    run_key: str
     node_key: str
+    round: int
     rounds: int
     dim: int
     arrays: Arrays = field(default_factory=dict)
+    run_id: int = 0
+    node_id: int = 0
 
 
-def state_path(state_dir: str | Path, run_id: int, node_key: str) -> Path:
-    """``<state-dir>/run-<run id>/<node key>.state``; characters other than ``A-Z a-z 0-9 . _ -`` become ``_``."""
-    return Path(state_dir).expanduser() / f"run-{run_id & _U64}" / f"{_UNSAFE.sub('_', node_key)}.state"
+def safe_name(text: str) -> str:
+    """``text`` with every character other than ``A-Z a-z 0-9 . _ -`` replaced by ``_`` (no path separators)."""
+    return _UNSAFE.sub("_", text)
+
+
+def state_path(state_dir: str | Path, run_key: str, node_key: str) -> Path:
+    """``<state-dir>/run-<run key>/<node key>.state``, both keys through :func:`safe_name`."""
+    return Path(state_dir).expanduser() / f"run-{safe_name(run_key)}" / f"{safe_name(node_key)}.state"
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`write_state` keeps the state a file held before its last write: ``<file>.prev``."""
+    path = Path(path)
+    return path.with_name(path.name + ".prev")
 
 
 def _name(text: str, what: str) -> bytes:
@@ -136,21 +163,21 @@ def _name(text: str, what: str) -> bytes:
 
 
 def encode_state(state: PersistedState) -> bytes:
-    """The bytes of a state file (format version 1) for ``state``.
+    """The bytes of a state file (format version 2) for ``state``.
 
     Raises
     ------
     ValueError
-        For a negative round count or dimension, an unsupported dtype, too many arrays or too long names.
+        For a negative round, round count or dimension, an unsupported dtype, too many arrays or too long names.
     """
-    if state.rounds < 0 or state.dim < 0:
-        raise ValueError(f"rounds and dim must be >= 0, got {state.rounds} and {state.dim}")
+    if min(state.round, state.rounds, state.dim) < 0:
+        raise ValueError(
+            f"round, rounds and dim must be >= 0, got {state.round}, {state.rounds} and {state.dim}"
+        )
     entries = [(rec, name, arr) for rec, arrays in state.arrays.items() for name, arr in arrays.items()]
     if len(entries) > 0xFFFF:
         raise ValueError(f"{len(entries)} arrays, at most 65535 are allowed")
-    key = state.node_key.encode("utf-8")
-    if len(key) > 0xFFFF:
-        raise ValueError(f"node key is {len(key)} bytes long, at most 65535 are allowed")
+    run_key, node_key = _name(state.run_key, "run key"), _name(state.node_key, "node key")
     parts = [
         _HEADER.pack(
             MAGIC,
@@ -158,12 +185,15 @@ def encode_state(state: PersistedState) -> bytes:
             0,
             state.run_id & _U64,
             state.node_id & _U64,
+            state.round,
             state.rounds,
             state.dim,
-            len(key),
+            len(run_key) - 2,
+            len(node_key) - 2,
             len(entries),
         ),
-        key,
+        run_key[2:],
+        node_key[2:],
     ]
     for rec, name, arr in entries:
         arr = np.asarray(arr)
@@ -195,12 +225,27 @@ class _Reader:
         self.pos += n
         return out
 
-    def text(self, what: str) -> str:
-        (n,) = struct.unpack("<H", self.take(2, what))
+    def utf8(self, n: int, what: str) -> str:
         try:
             return self.take(n, what).decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"the {what} is not UTF-8 ({err})") from err
+
+    def text(self, what: str) -> str:
+        (n,) = struct.unpack("<H", self.take(2, what))
+        return self.utf8(n, what)
+
+
+def _check_version(version: int) -> None:
+    if version == 1:
+        raise ValueError(
+            "format version 1 is not supported any more: it was keyed by Flower's run id, which changes when "
+            "a run is resumed, and it cannot be matched to a run (this code reads version 2)"
+        )
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"format version {version} is not supported (this code reads version {FORMAT_VERSION})"
+        )
 
 
 def decode_state(data: bytes) -> PersistedState:
@@ -212,27 +257,25 @@ def decode_state(data: bytes) -> PersistedState:
         With what is wrong: too short, not a state file, unsupported version, checksum mismatch, inconsistent
         lengths, unknown flags or dtype codes, non-finite floating-point values.
     """
+    if len(data) < 10:
+        raise ValueError(f"truncated: {len(data)} bytes, shorter than the magic and format version")
+    magic, (version,) = data[:8], struct.unpack_from("<H", data, 8)
+    if magic != MAGIC:
+        raise ValueError(f"not a COMP-AMS client state file (magic {magic!r}, expected {MAGIC!r})")
+    _check_version(version)  # before the length check: version 1 has a shorter header
     if len(data) < _HEADER.size + _DIGEST:
         raise ValueError(
             f"truncated: {len(data)} bytes, shorter than the {_HEADER.size + _DIGEST}-byte minimum"
         )
-    magic, version, flags, run_id, node_id, rounds, dim, key_len, count = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise ValueError(f"not a COMP-AMS client state file (magic {magic!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"format version {version} is not supported (this code reads version {FORMAT_VERSION})"
-        )
+    _, _, flags, run_id, node_id, rnd, rounds, dim, run_len, node_len, count = _HEADER.unpack_from(data)
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise ValueError("checksum mismatch: the file is truncated or corrupted")
     if flags:
         raise ValueError(f"unknown flags {flags:#06x}")
     reader = _Reader(body, _HEADER.size)
-    try:
-        node_key = reader.take(key_len, "node key").decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"the node key is not UTF-8 ({err})") from err
+    run_key = reader.utf8(run_len, "run key")
+    node_key = reader.utf8(node_len, "node key")
     arrays: Arrays = {}
     for _ in range(count):
         rec, name = reader.text("record name"), reader.text("array name")
@@ -249,11 +292,33 @@ def decode_state(data: bytes) -> PersistedState:
         arrays.setdefault(rec, {})[name] = arr
     if reader.pos != len(body):
         raise ValueError(f"length mismatch: {len(body) - reader.pos} unexpected bytes after the last array")
-    return PersistedState(run_id, node_id, node_key, rounds, dim, arrays)
+    return PersistedState(run_key, node_key, rnd, rounds, dim, arrays, run_id, node_id)
+
+
+def _peek(path: Path) -> tuple[str, str, int] | None:
+    """Run key, node key and round from the header of the file at ``path`` (no checksum); None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            if len(head) < _HEADER.size:
+                return None
+            magic, version, _, _, _, rnd, _, _, run_len, node_len, _ = _HEADER.unpack(head)
+            if magic != MAGIC or version != FORMAT_VERSION:
+                return None
+            keys = f.read(run_len + node_len)
+        return keys[:run_len].decode("utf-8"), keys[run_len:].decode("utf-8"), rnd
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_state(path: str | Path, state: PersistedState) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``).
+
+    If ``path`` holds a state of the same run and node from an earlier round, it becomes
+    :func:`previous_path` first: the state the node had before this round, which a server that resumes from a
+    checkpoint one round behind needs. A file of the same or a later round (a state the server has forgotten,
+    see :func:`clients.state_io.restore_from_disk`) is replaced without being kept. A crash between the two
+    renames leaves the previous file only; :func:`clients.state_io.restore_from_disk` then reads that one.
 
     Raises
     ------
@@ -269,21 +334,24 @@ def write_state(path: str | Path, state: PersistedState) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        old = _peek(path)
+        if old is not None and old[:2] == (state.run_key, state.node_key) and old[2] < state.round:
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def read_state(path: str | Path, *, run_id: int, node_key: str, dim: int | None) -> PersistedState | None:
+def read_state(path: str | Path, *, run_key: str, node_key: str, dim: int | None) -> PersistedState | None:
     """The state saved at ``path`` if it is valid for this run, node and model; else ``None``.
 
     Parameters
     ----------
     path
         The state file (see :func:`state_path`).
-    run_id, node_key
-        The file must have been written for this run and this node key.
+    run_key, node_key
+        The file must have been written for this run key and this node key.
     dim
         The model dimension the state must belong to (``None``: do not check).
 
@@ -304,8 +372,8 @@ def read_state(path: str | Path, *, run_id: int, node_key: str, dim: int | None)
         state = decode_state(data)
     except ValueError as err:
         return _unusable(path, str(err))
-    if state.run_id != run_id & _U64:
-        return _unusable(path, f"belongs to run {state.run_id}, not to run {run_id & _U64}")
+    if state.run_key != run_key:
+        return _unusable(path, f"belongs to run {state.run_key!r}, not to run {run_key!r}")
     if state.node_key != node_key:
         return _unusable(path, f"belongs to node {state.node_key!r}, not to {node_key!r}")
     if dim is not None and state.dim != dim:

@@ -5,12 +5,17 @@ arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qa
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
-mirrored to node-local disk after every training round (:mod:`clients.persist`), and restored from there when a
-restarted SuperNode's ``context.state`` is empty.
+mirrored to node-local disk after every training round (:mod:`clients.persist`), filed under the run key (the
+run's ``out-dir`` and ``run-name``, which a resumed run keeps, unlike Flower's run id), and restored from there
+when ``context.state`` is empty: after a SuperNode restart, or in the first round of a resumed run. A state newer
+than the server's round (the server resumed from an older checkpoint) is rolled back to the state before its last
+round when that is on disk, else dropped (:func:`restore_from_disk`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -33,6 +38,9 @@ ADAM_RECORD = "qadam"
 COUNTERS_RECORD = "counters"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
+#: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
+RUN_NAME_KEY = "run-name"
+OUT_DIR_KEY = "out-dir"
 
 
 def _tensor(arr: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
@@ -105,44 +113,108 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
     return sizes
 
 
+def run_key_for(out_dir: str, run_name: str, run_id: int) -> str:
+    """The key a run's client state is filed under: ``<run-name>-<16 hex digits of SHA-256 of both names>``.
+
+    A resumed run has the same ``out-dir`` and ``run-name`` (the server refuses to resume with any other) but a
+    new Flower run id, so the key survives a server restart where the run id would not; the digest tells apart
+    runs of the same name in different ``out-dir``. An empty ``run-name`` (a timestamped run, which cannot be
+    resumed) gives ``flower-run-<run id>``: such a state need not outlive the Flower run.
+    """
+    if not run_name:
+        return f"flower-run-{run_id & 0xFFFFFFFFFFFFFFFF}"
+    digest = hashlib.sha256(json.dumps([out_dir, run_name]).encode("utf-8")).hexdigest()[:16]
+    return f"{persist.safe_name(run_name)[:64]}-{digest}"
+
+
+def run_key(context: Context) -> str:
+    """:func:`run_key_for` of the run config in ``context`` (``out-dir``, ``run-name``) and Flower's run id."""
+    cfg = context.run_config
+    return run_key_for(str(cfg.get(OUT_DIR_KEY, "")), str(cfg.get(RUN_NAME_KEY, "")), context.run_id)
+
+
 def state_file(context: Context) -> Path | None:
     """Where this node's state is mirrored, or ``None`` when the node config sets no ``state-dir``."""
     state_dir = context.node_config.get(STATE_DIR_KEY)
     if not state_dir:
         return None
     return persist.state_path(
-        str(state_dir), context.run_id, nodes.label_of_config(context.node_config, context.node_id)
+        str(state_dir), run_key(context), nodes.label_of_config(context.node_config, context.node_id)
     )
 
 
-def restore_from_disk(context: Context, dim: int) -> bool:
-    """Load the mirrored state into an empty ``context.state`` (after a SuperNode restart); True if restored.
+def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
+    """Load the mirrored state into an empty ``context.state`` (a restarted SuperNode, a resumed run).
 
     Does nothing without ``state-dir`` or when ``context.state`` already holds this node's state. A missing file
     is a fresh start; an unusable one gives a :class:`clients.persist.StateFileWarning` and a fresh start.
+
+    A state written in round ``server_round`` or later is one the server has forgotten: it resumed from a
+    checkpoint older than the node's last training (a server that died mid-round), or a new run reuses this
+    run's name. The node then goes back to the state it had before that training, which is what the server's
+    state expects (exact: the instruction repeats the statuses of that state's pending reply): nothing, if it
+    was the node's first round, else the previous file kept by :func:`clients.persist.write_state`. If that is
+    not on disk or is itself too new (the checkpoint is more than one of the node's rounds behind), the node
+    starts fresh, with a warning; ``checkpoint-every = 1`` avoids this.
+
+    Returns True if a state was restored.
     """
     path = state_file(context)
     if path is None or COUNTERS_RECORD in context.state:
         return False
-    key = nodes.label_of_config(context.node_config, context.node_id)
-    saved = persist.read_state(path, run_id=context.run_id, node_key=key, dim=dim)
+    key = run_key(context)
+    node = nodes.label_of_config(context.node_config, context.node_id)
+    read = lambda p: persist.read_state(p, run_key=key, node_key=node, dim=dim)  # noqa: E731
+    latest, older = path, persist.previous_path(path)
+    if not latest.exists() and older.exists():  # a crash between write_state's two renames
+        latest, older = older, None
+    saved = read(latest)
+    if saved is not None and saved.round >= server_round:
+        before = read(older) if older is not None and saved.rounds > 1 else None
+        saved, latest = _state_before(saved, before, server_round, latest), older
     if saved is None:
         return False
     for record, arrays in saved.arrays.items():
         context.state[record] = ArrayRecord({name: Array(arr) for name, arr in arrays.items()})
     context.state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(saved.rounds)})
     log.info(
-        "restored client state from %s (%d rounds, records %s)", path, saved.rounds, sorted(saved.arrays)
+        "restored the client state of round %d from %s (%d rounds, records %s)",
+        saved.round,
+        latest,
+        saved.rounds,
+        sorted(saved.arrays),
     )
     return True
 
 
-def save_to_disk(context: Context, dim: int) -> None:
+def _state_before(
+    saved: persist.PersistedState, previous: persist.PersistedState | None, server_round: int, path: Path
+) -> persist.PersistedState | None:
+    """The state the node had before the training that wrote ``saved``, if it is older than ``server_round``."""
+    ahead = f"the state in {str(path)!r} is of round {saved.round}, but the server is at round {server_round}"
+    if saved.rounds <= 1:
+        log.info("%s; it was the node's first round, so the node starts fresh, as the server expects", ahead)
+        return None
+    if previous is not None and previous.rounds == saved.rounds - 1 and previous.round < server_round:
+        log.info("%s; restoring the state the node had before it (round %d)", ahead, previous.round)
+        return previous
+    message = (
+        f"{ahead} (it resumed from an older checkpoint, or a new run reuses this run-name and out-dir) and the "
+        "state before it is not on disk or is too new: starting from a fresh (zero) state; with "
+        "checkpoint-every = 1 a resumed server is never more than one round behind its clients"
+    )
+    log.warning(message)
+    warnings.warn(message, persist.StateFileWarning, stacklevel=3)
+    return None
+
+
+def save_to_disk(context: Context, dim: int, *, server_round: int) -> None:
     """Mirror ``context.state`` (all its arrays: residual, local moments, ...; and the rounds) to the state file.
 
-    Does nothing without ``state-dir``. The write is atomic. A failed write gives a
-    :class:`clients.persist.StateFileWarning` and the round goes on: the state is still in memory, it just would
-    not survive a restart.
+    ``server_round`` is the round whose training produced the state. Does nothing without ``state-dir``. The
+    write is atomic and keeps the previous state (:func:`clients.persist.write_state`). A failed write gives a
+    :class:`clients.persist.StateFileWarning` and the round goes on: the state is still in memory, it just
+    would not survive a restart.
     """
     path = state_file(context)
     if path is None:
@@ -153,10 +225,19 @@ def save_to_disk(context: Context, dim: int) -> None:
             "state-dir is set but the node config has neither partition-id nor node-name: the state file is "
             "keyed by the node id, which changes when the SuperNode restarts; set node-name='<unique name>'"
         )
+    run = run_key(context)
+    if not context.run_config.get(RUN_NAME_KEY):
+        log.info(
+            "run-name is empty (a timestamped run, which cannot be resumed): the client state is filed under "
+            "Flower's run id (%s), so it survives a SuperNode restart but not a server restart",
+            run,
+        )
     state = context.state
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
     arrays = persist.arrays_of(state.array_records)
-    record = persist.PersistedState(context.run_id, context.node_id, key, rounds, dim, arrays)
+    record = persist.PersistedState(
+        run, key, server_round, rounds, dim, arrays, run_id=context.run_id, node_id=context.node_id
+    )
     try:
         persist.write_state(path, record)
     except OSError as err:

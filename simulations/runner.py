@@ -3,6 +3,12 @@
 ``run_experiment(overrides)`` validates the config, runs it on ``num_supernodes`` virtual clients and returns the
 results directory, which holds the same files as a ``flwr run .`` run. Flower 1.41 deprecates
 ``run_simulation``; it is called in one place only (:func:`_simulate`) so a replacement touches one function.
+
+Virtual clients see the run config, as deployed ones do, and a run that can be resumed (a ``run-name`` and
+``checkpoint-every > 0`` or ``resume``) gives them the node config ``state-dir = <run dir>/client-state``: they
+persist their state as SuperNodes with ``state-dir`` do, so that a resumed simulation continues with the
+residuals (and QAdam moments, round counters) the clients had, which a new simulation's contexts do not carry.
+Other runs write no client state (they could not use it).
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fl_compams.config import parse_config
+from fl_compams.config import ExperimentConfig, parse_config
 
-__all__ = ["run_experiment"]
+__all__ = ["run_experiment", "virtual_node_config"]
 
 # Quiet Ray and Flower before they are imported.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -48,7 +54,8 @@ def run_experiment(
         Join a running Ray cluster (e.g. ``"127.0.0.1:6379"``) instead of starting one; ``RAY_ADDRESS`` in the
         environment does the same.
     client_app
-        A Flower ``ClientApp`` to use instead of :data:`clients.client_app.app` (tests inject faulty clients).
+        A Flower ``ClientApp`` to use instead of :data:`clients.client_app.app` (tests inject faulty clients);
+        it gets the run config and, in a run that can be resumed, ``state-dir`` (see the module docstring).
     on_round
         Called with each ``metrics.jsonl`` row as it is written (progress bars).
     """
@@ -56,9 +63,11 @@ def run_experiment(
     from flwr.serverapp import Grid, ServerApp
 
     from clients.client_app import app as default_client_app
+    from simulations.virtual_nodes import WithContext
     from strategies.server_app import run_server
 
-    config = parse_config(overrides).to_flat()  # fail fast, before Ray starts
+    cfg = parse_config(overrides)  # fail fast, before Ray starts
+    config = cfg.to_flat()
     outcome: dict[str, Path] = {}
     server_app = ServerApp()
 
@@ -73,10 +82,26 @@ def run_experiment(
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": init_args,
     }
-    _simulate(server_app, client_app or default_client_app, num_supernodes, backend_config, verbose)
+    app = WithContext(client_app or default_client_app, config, virtual_node_config(cfg))
+    _simulate(server_app, app, num_supernodes, backend_config, verbose)
     if "path" not in outcome:
         raise RuntimeError("the simulation ended without results; run with verbose=True to see Flower's log")
     return outcome["path"]
+
+
+def virtual_node_config(cfg: ExperimentConfig) -> dict[str, str]:
+    """Node config every virtual client gets besides Flower's partition keys: ``state-dir`` in a resumable run.
+
+    A run can be resumed when it has a ``run-name`` and writes checkpoints (or is itself a resumption); its
+    clients then mirror their state to ``<run dir>/client-state`` (see the module docstring).
+    """
+    from clients.state_io import STATE_DIR_KEY
+    from strategies.results import resolve_run_dir
+
+    out = cfg.output
+    if not (out.run_name and (out.checkpoint_every or out.resume)):
+        return {}
+    return {STATE_DIR_KEY: str(resolve_run_dir(out.out_dir, out.run_name) / "client-state")}
 
 
 def _simulate(server_app, client_app, num_supernodes: int, backend_config: dict, verbose: bool) -> None:

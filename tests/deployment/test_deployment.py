@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients import persist
+from clients import persist, state_io
 from fl_compams.config import parse_config
 from simulations.runner import run_experiment
 from strategies.results import read_metrics
@@ -33,6 +33,13 @@ ROUNDS = 3
 #: Small settings shared by the deployment runs and the reference simulation (default model: the digits CNN,
 #: compressor: Top-k 1 % with error feedback). min-train-nodes = 2 makes round 1 wait for both SuperNodes.
 SETTINGS = {"num-server-rounds": ROUNDS, "min-train-nodes": 2, "seed": 0}
+
+
+def saved_state(state_dir: Path, out_dir: Path, run_name: str, run_id: int, key: str):
+    """The state a node mirrored to its state-dir, filed under the run key (out-dir and run-name)."""
+    run_key = state_io.run_key_for(str(out_dir), run_name, run_id)
+    path = persist.state_path(state_dir, run_key, key)
+    return persist.read_state(path, run_key=run_key, node_key=key, dim=None)
 
 
 def run_config(out_dir: Path, run_name: str, **extra) -> str:
@@ -115,9 +122,7 @@ def test_insecure_deployment_partitions_state_dir_and_bytes_match_simulation(
     data = parse_config(SETTINGS).data
     for i, state_dir in state_dirs.items():
         key = f"partition-{i}"
-        saved = persist.read_state(
-            persist.state_path(state_dir, run_id, key), run_id=run_id, node_key=key, dim=None
-        )
+        saved = saved_state(state_dir, tmp_path / "runs", "insecure", run_id, key)
         n = client_data(data, i, 2, SETTINGS["seed"], torch.device("cpu"))[1].numel()
         assert saved is not None and saved.rounds == ROUNDS
         assert (
@@ -188,7 +193,7 @@ def test_tls_deployment_with_node_data_files_and_a_bad_node(deployment, tmp_path
         assert_residual_chain(v)
     run_id = int(run["run-id"])
     for i in range(2):
-        assert persist.state_path(tmp_path / "state", run_id, f"node-edge-{i}").is_file()
+        assert saved_state(tmp_path / "state", tmp_path / "runs", "tls", run_id, f"node-edge-{i}") is not None
     assert_bytes_match(rows, simulation[:3])
 
 
@@ -219,9 +224,7 @@ def test_supernode_restart_mid_run_restores_the_saved_residual(deployment, tmp_p
     dep.stop_supernode("p1")  # SIGTERM to its process group: the SuperNode and its ClientApp processes
     print(f"stopped p1 in {time.monotonic() - t0:.1f} s")
     run_id = int(dep.runs()[0]["run-id"])
-    saved = persist.read_state(
-        persist.state_path(state_dir, run_id, "partition-1"), run_id=run_id, node_key="partition-1", dim=None
-    )
+    saved = saved_state(state_dir, tmp_path / "runs", "restart", run_id, "partition-1")
     new_id = dep.start_supernode("p1", config[1])
     assert new_id != old_id  # Flower gives a restarted SuperNode a new node id
     run = finish(dep, run_proc)

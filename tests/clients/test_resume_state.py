@@ -1,0 +1,186 @@
+"""Client state across a server restart: keyed by the run (out-dir, run-name), not by Flower's run id.
+
+Deployment-style: the ClientApp's own ``train`` handler, a node config with ``state-dir``, and for each round a
+fresh ``Context`` (a resumed run gets a new Flower run id and new, empty contexts), as a SuperNode builds them.
+"""
+
+import warnings
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients import persist, state_io
+from clients.client_app import train
+from fl_compams import parse_config, protocol
+from fl_compams.algorithm import Outcome, Status
+from tasks.task import model_for_task
+
+SETTINGS = {"seed": 3, "batch-size": 8}  # default COMP-AMS: Top-k with error feedback
+NODE = {"partition-id": 1, "num-partitions": 4}
+RUN_CONFIG = {"out-dir": "/srv/fl/runs", "run-name": "topk-edge"}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower refuses to build messages outside a run until these are set (flower-guide.md section 1).
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+
+
+def instruction(rnd, statuses=()):
+    """What the server sends a node in round ``rnd``: the model, the client settings, the earlier statuses."""
+    cfg = parse_config(SETTINGS)
+    flat = cfg.to_flat()
+    model = model_for_task(cfg.data, cfg.seed)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(model.state_dict()),
+            protocol.CONFIG: ConfigRecord(
+                {**{k: flat[k] for k in protocol.CLIENT_KEYS}, "server-round": rnd}
+            ),
+        }
+    )
+    if statuses:
+        content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+    return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+
+
+def node_context(state_dir, run_id, run_config=RUN_CONFIG):
+    """A SuperNode's context for a run: Flower's run id, the run config and this node's config."""
+    node_config = {**NODE, "state-dir": str(state_dir)}
+    return Context(
+        run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=dict(run_config)
+    )
+
+
+def train_metrics(msg, context):
+    return dict(train(msg, context).content[protocol.METRICS])
+
+
+def first_run(state_dir):
+    """Rounds 1 and 2 of Flower run 101 (the second one acknowledges the first); the metrics of round 2."""
+    ctx = node_context(state_dir, run_id=101)
+    train_metrics(instruction(1), ctx)
+    return train_metrics(instruction(2, (Status(1, Outcome.APPLIED, 1.0),)), ctx)
+
+
+def test_state_survives_a_new_flower_run_id_with_the_same_run_name(tmp_path):
+    last = first_run(tmp_path)
+    assert last[protocol.RESIDUAL_NORM] > 0 and last[protocol.STATE_ROUNDS] == 2
+    # The server restarted and resumed the run: Flower run 202, same out-dir and run-name, round 3.
+    resumed = node_context(tmp_path, run_id=202)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean restore: no StateFileWarning
+        got = train_metrics(instruction(3, (Status(2, Outcome.APPLIED, 1.0),)), resumed)
+    assert got[protocol.RESIDUAL_NORM_IN] == last[protocol.RESIDUAL_NORM]  # the residual it had, bit for bit
+    assert got[protocol.STATE_ROUNDS] == 3
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [
+        {**RUN_CONFIG, "run-name": "topk-edge-2"},  # another run
+        {**RUN_CONFIG, "out-dir": "/srv/other"},  # a run of the same name under another results root
+        {**RUN_CONFIG, "run-name": ""},  # a timestamped run: keyed by Flower's run id
+    ],
+)
+def test_state_of_another_run_is_not_restored(tmp_path, run_config):
+    first_run(tmp_path)
+    other = node_context(tmp_path, run_id=202, run_config=run_config)
+    got = train_metrics(instruction(3), other)
+    assert got[protocol.RESIDUAL_NORM_IN] == 0.0 and got[protocol.STATE_ROUNDS] == 1
+
+
+def test_state_files_are_filed_under_the_run_key(tmp_path):
+    first_run(tmp_path)
+    key = state_io.run_key_for("/srv/fl/runs", "topk-edge", 101)
+    assert key == state_io.run_key_for("/srv/fl/runs", "topk-edge", 202)  # the run id does not matter
+    assert key.startswith("topk-edge-") and len(key) == len("topk-edge-") + 16
+    saved = persist.read_state(
+        persist.state_path(tmp_path, key, "partition-1"), run_key=key, node_key="partition-1", dim=None
+    )
+    assert saved.round == 2 and saved.rounds == 2 and saved.run_id == 101
+    before = persist.read_state(
+        persist.previous_path(persist.state_path(tmp_path, key, "partition-1")),
+        run_key=key,
+        node_key="partition-1",
+        dim=None,
+    )
+    assert before.round == 1 and before.rounds == 1
+    assert not torch.equal(
+        torch.from_numpy(saved.arrays["ef"]["residual"]), torch.from_numpy(before.arrays["ef"]["residual"])
+    )
+
+
+# ------------------------------------------------------- a server that resumes behind its nodes (it died mid-round)
+APPLIED = {r: (Status(r, Outcome.APPLIED, 1.0),) for r in range(1, 4)}
+
+
+def three_rounds(state_dir):
+    """Rounds 1-3 of Flower run 101; the reply of round 3 (payload record and metrics)."""
+    ctx = node_context(state_dir, run_id=101)
+    train(instruction(1), ctx)
+    train(instruction(2, APPLIED[1]), ctx)
+    return train(instruction(3, APPLIED[2]), ctx).content
+
+
+def test_rerun_round_after_a_mid_round_crash_repeats_the_reply_exactly(tmp_path):
+    # The server died during round 3 after this node had replied; it resumes from its checkpoint of round 2,
+    # whose statuses still include round 2 (the reply that acknowledged it was never aggregated).
+    original = three_rounds(tmp_path)
+    resumed = node_context(tmp_path, run_id=202)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train(instruction(3, APPLIED[2]), resumed).content
+    assert (
+        again[protocol.PAYLOAD][protocol.PAYLOAD_BYTES] == original[protocol.PAYLOAD][protocol.PAYLOAD_BYTES]
+    )
+    assert dict(again[protocol.METRICS]) == dict(original[protocol.METRICS])  # residuals, rounds: all equal
+    # The file of the abandoned round 3 was replaced, the state before round 3 kept.
+    path = state_io.state_file(resumed)
+    key = state_io.run_key(resumed)
+    previous = persist.read_state(persist.previous_path(path), run_key=key, node_key="partition-1", dim=None)
+    assert previous.round == 2 and previous.rounds == 2
+
+
+def test_node_whose_first_round_the_server_forgot_starts_fresh_silently(tmp_path):
+    ctx = node_context(tmp_path, run_id=101)
+    original = train(instruction(1), ctx).content
+    resumed = node_context(tmp_path, run_id=202)  # the server died in round 1 and starts again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = train(instruction(1), resumed).content
+    assert dict(again[protocol.METRICS]) == dict(original[protocol.METRICS])
+
+
+def test_server_two_rounds_behind_gives_a_warning_and_a_fresh_state(tmp_path):
+    three_rounds(tmp_path)  # state of round 3, previous of round 2: both newer than a server at round 2
+    resumed = node_context(tmp_path, run_id=202)
+    with pytest.warns(
+        persist.StateFileWarning, match="is of round 3, but the server is at round 2"
+    ) as record:
+        got = train_metrics(instruction(2, APPLIED[1]), resumed)
+    assert "checkpoint-every = 1" in str(record[0].message)
+    assert got[protocol.RESIDUAL_NORM_IN] == 0.0 and got[protocol.STATE_ROUNDS] == 1
+
+
+def test_crash_between_the_two_renames_restores_the_previous_file(tmp_path):
+    # write_state moves the old file to <file>.prev, then the new one into place; a crash in between leaves
+    # only the previous file, the latest complete state (its round's reply was never sent).
+    ctx = node_context(tmp_path, run_id=101)
+    train(instruction(1), ctx)
+    last = train_metrics(instruction(2, APPLIED[1]), ctx)
+    path = state_io.state_file(ctx)
+    path.replace(persist.previous_path(path))
+    restarted = node_context(tmp_path, run_id=101)
+    got = train_metrics(instruction(3, APPLIED[2]), restarted)
+    assert got[protocol.RESIDUAL_NORM_IN] == last[protocol.RESIDUAL_NORM] and got[protocol.STATE_ROUNDS] == 3
+
+
+def test_run_key_names_the_run_safely():
+    assert state_io.run_key_for("/r", "a/../b c", 1).startswith("a_.._b_c-")
+    assert len(state_io.run_key_for("/r", "x" * 500, 1)) == 64 + 1 + 16
+    assert state_io.run_key_for("/r", "", 5) == "flower-run-5" != state_io.run_key_for("/r", "", 6)
+    assert state_io.run_key_for("/r", "a", 1) != state_io.run_key_for("/r2", "a", 1)
+    assert state_io.run_key_for("runs", "a", 1) != state_io.run_key_for("/abs/runs", "a", 1)  # as written
