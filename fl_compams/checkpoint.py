@@ -2,7 +2,7 @@
 
 Layout: ``magic "CAMSCKPT" | version u16 | header length u32 | header (UTF-8 JSON) | tensor bytes | sha256``.
 The JSON header holds the scalar state (round, optimizer step and kind, the statuses clients have not
-acknowledged, run counters, anything the caller adds)
+acknowledged, the recent reply norms of the adaptive bound, run counters, anything the caller adds)
 and a table of tensors (name, dtype, shape, byte offset, byte length); the trailing SHA-256 covers everything
 before it, so a truncated or corrupted file is detected, never half-loaded. Files are written to a temporary
 name and renamed, so a crash mid-write leaves the previous checkpoint intact.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -29,10 +30,12 @@ from fl_compams.server_opt import AdamState, SGDState
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 MAGIC = b"CAMSCKPT"
-#: 2 added the statuses clients have not acknowledged (``unacked``); version 1 files are migrated on load
-#: (they predate acknowledged client state, so no status was outstanding).
-VERSION = 2
-_READABLE = (1, 2)
+#: 2 added the statuses clients have not acknowledged (``unacked``), 3 the recent reply norms of the adaptive
+#: reply bound (``recent_norms``). Older files are migrated on load: version 1 predates acknowledged client
+#: state (no status was outstanding); versions 1 and 2 predate the adaptive bound (its history starts empty,
+#: so the first rounds after the resume bound as the first rounds of a run do).
+VERSION = 3
+_READABLE = (1, 2, 3)
 _PREFIX = struct.Struct("<8sHI")
 _DIGEST = 32
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
@@ -69,6 +72,7 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
             label: [[int(st.round), int(st.outcome), float(st.factor)] for st in statuses]
             for label, statuses in state.unacked.items()
         },
+        "recent_norms": [[float(n) for n in norms] for norms in state.recent_norms],
         "opt_state_type": type(state.opt_state).__name__,
         "opt_scalars": scalars,
         "tensors": table,
@@ -124,7 +128,10 @@ def load_checkpoint(
             str(label): tuple(Status(int(r), Outcome(int(o)), float(f)) for r, o, f in entries)
             for label, entries in header.get("unacked", {}).items()
         }
-        state = ServerState(int(header["round"]), tensors["theta"], opt_state, unacked)
+        recent = tuple(tuple(float(n) for n in norms) for norms in header.get("recent_norms", []))
+        if not all(math.isfinite(n) and n >= 0 for norms in recent for n in norms):
+            raise CheckpointError(f"{path}: recent_norms must be finite numbers >= 0")
+        state = ServerState(int(header["round"]), tensors["theta"], opt_state, unacked, recent)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as err:

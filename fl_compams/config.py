@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from fl_compams.aggregate import WEIGHTINGS
 from fl_compams.algorithm import ALGORITHMS as COMPOSITIONS
-from fl_compams.algorithm import Algorithm, ReplyBound
+from fl_compams.algorithm import BOUND_MODES, Algorithm, ReplyBound
 from fl_compams.client_opt import LocalAdam
 from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
 from fl_compams.errors import ConfigError
@@ -105,17 +106,38 @@ _REST: tuple[Key, ...] = (
     key("round-timeout", 600.0, POS_FLOAT, "seconds the server waits for replies in a round", _S),
     key("min-valid-replies", 1, POS_INT, "below this many valid replies a round changes nothing", _S),
     key(
+        "update-norm-bound",
+        "adaptive",
+        choice(BOUND_MODES),
+        "per-reply l2 norm bound: adaptive (multiplier x a recent norm), fixed (max-update-norm), off (paper)",
+        _S,
+    ),
+    key(
+        "update-norm-multiplier",
+        10.0,
+        ((lambda v: v >= 1 and math.isfinite(v)), "a finite number >= 1"),
+        "adaptive bound: this many times the 0.75-quantile of recent reply norms",
+        _S,
+    ),
+    key(
+        "update-norm-window",
+        10,
+        POS_INT,
+        "adaptive bound: the quantile is over the last this many rounds",
+        _S,
+    ),
+    key(
         "max-update-norm",
         0.0,
         NONNEG_FLOAT,
-        "clip or reject decoded updates above this l2 norm; 0 = off",
+        "the fixed bound (update-norm-bound = fixed); 0 with the other modes",
         _S,
     ),
     key(
         "update-norm-action",
         "clip",
         choice(("clip", "reject")),
-        "what max-update-norm does to a large update",
+        "what the bound does to a larger update: scale it down to the bound, or drop it",
         _S,
     ),
     # --- client training
@@ -252,6 +274,9 @@ class ServerConfig:
     weighting: str
     round_timeout: float
     min_valid_replies: int
+    update_norm_bound: str
+    update_norm_multiplier: float
+    update_norm_window: int
     max_update_norm: float
     update_norm_action: str
 
@@ -397,6 +422,16 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         raise ConfigError(
             "config key 'client-opt': 'adam' (QAdam) sends one local Adam step; set local-steps = 1"
         )
+    bound, max_norm = cfg.server.update_norm_bound, cfg.server.max_update_norm
+    if bound == "fixed" and max_norm == 0:
+        raise ConfigError(
+            "config key 'max-update-norm': update-norm-bound = 'fixed' needs max-update-norm > 0"
+        )
+    if bound != "fixed" and max_norm > 0:
+        raise ConfigError(
+            f"config key 'max-update-norm': {max_norm!r} is the bound of update-norm-bound = 'fixed', but "
+            f"update-norm-bound = {bound!r}; set update-norm-bound = 'fixed', or drop max-update-norm"
+        )
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
@@ -452,7 +487,13 @@ def build_algorithm(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None =
         error_feedback=cfg.compression.error_feedback,
         local_opt=build_client_optimizer(cfg.train),
         weighting=cfg.server.weighting,
-        bound=ReplyBound(cfg.server.max_update_norm, cfg.server.update_norm_action),
+        bound=ReplyBound(
+            mode=cfg.server.update_norm_bound,
+            max_norm=cfg.server.max_update_norm,
+            multiplier=cfg.server.update_norm_multiplier,
+            window=cfg.server.update_norm_window,
+            action=cfg.server.update_norm_action,
+        ),
         min_valid_replies=cfg.server.min_valid_replies,
     )
 

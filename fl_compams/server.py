@@ -1,9 +1,9 @@
 """The server's whole state as one value, and one pure round of COMP-AMS aggregation.
 
-``ServerState`` holds everything that changes across rounds (step count, the flat model theta and the
-optimizer's moments); ``server_round`` is Algorithm 2's server part: average the decoded payloads, take one
-optimizer step. Flower glue keeps nothing else that affects the model, so a checkpoint of this value is a
-checkpoint of the run's optimisation.
+``ServerState`` holds everything that changes across rounds (step count, the flat model theta, the
+optimizer's moments, the clients' unacknowledged statuses and the recent reply norms); ``server_round`` is
+Algorithm 2's server part: average the decoded payloads, take one optimizer step. Flower glue keeps nothing
+else that affects the model, so a checkpoint of this value is a checkpoint of the run's optimisation.
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ __all__ = ["ServerState", "apply_round", "init_server_state"]
 
 
 class ServerState(NamedTuple):
-    """Round counter, flat model, optimizer state, and the statuses clients have not acknowledged yet.
+    """Round counter, flat model, optimizer state, the statuses clients have not acknowledged yet, recent norms.
 
     ``unacked`` maps a client label to the statuses (:class:`fl_compams.algorithm.Status`) of its replies that
     the client has not confirmed; they are resent with its next instruction (design.md section 7). Treat it as
-    immutable: steps build a new mapping.
+    immutable: steps build a new mapping. ``recent_norms`` holds the reply norms the adaptive reply bound
+    (:class:`fl_compams.algorithm.ReplyBound`) is computed from, one tuple per recent round, oldest first.
     """
 
     round: int
     theta: torch.Tensor
     opt_state: Any
     unacked: Mapping[str, tuple] = MappingProxyType({})
+    recent_norms: tuple[tuple[float, ...], ...] = ()
 
 
 def init_server_state(theta: torch.Tensor, optimizer: ServerOptimizer) -> ServerState:

@@ -150,8 +150,8 @@ class CompAMS(FedAvg):
             status = step.statuses[v.reply.label]
             if status.outcome == Outcome.REJECTED:
                 traffic.failures[v.reply.label] = (
-                    f"update norm {step.norms[v.reply.label]:.6g} exceeds max-update-norm "
-                    f"{self.algorithm.bound.max_norm:.6g}"
+                    f"update norm {step.norms[v.reply.label]:.6g} exceeds the reply bound {step.bound:.6g} "
+                    f"(update-norm-bound = {self.algorithm.bound.mode!r})"
                 )
             elif status.factor < 1.0 and status.outcome == Outcome.APPLIED:
                 traffic.clipped.append(v.reply.label)

@@ -47,14 +47,21 @@ class Client:
         return torch.zeros(DIM) if self.state.residual is None else self.state.residual
 
 
-def run_with_faults(name, action, tmp_path, rounds=40, seed=0):
+#: The bounds the fault test runs under: a fixed norm, and an adaptive one tight enough to act on these updates.
+BOUNDS = {
+    "fixed": lambda action: ReplyBound("fixed", max_norm=14.0, action=action),
+    "adaptive": lambda action: ReplyBound("adaptive", multiplier=1.5, window=3, action=action),
+}
+
+
+def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
     """Partial participation, lost instructions and replies, a bound that clips or rejects, rounds below
     min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger."""
     algo = Algorithm(
         "compams",
         compressor(name),
         AMSGrad(lr=0.01),
-        bound=ReplyBound(max_norm=14.0, action=action),
+        bound=BOUNDS[bound](action),
         min_valid_replies=2,
     )
     rng = random.Random(seed)
@@ -99,8 +106,9 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0):
 
 @pytest.mark.parametrize("name", ["topk", "blocksign"])
 @pytest.mark.parametrize("action", ["clip", "reject"])
-def test_ef_identity_holds_under_faults(name, action, tmp_path):
-    clients, applied, removed, seen = run_with_faults(name, action, tmp_path)
+@pytest.mark.parametrize("bound", sorted(BOUNDS))
+def test_ef_identity_holds_under_faults(name, action, bound, tmp_path):
+    clients, applied, removed, seen = run_with_faults(name, action, tmp_path, bound=bound)
     assert seen[Outcome.LOST] > 5 and seen[Outcome.APPLIED] > 20  # the faults really happened
     if action == "reject":
         assert seen[Outcome.REJECTED] > 3

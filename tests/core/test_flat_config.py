@@ -126,6 +126,7 @@ def test_client_keys_are_derived_from_the_schema():
     assert server_only == {
         "num-server-rounds", "fraction-train", "min-train-nodes", "server-opt", "server-lr", "beta1", "beta2",
         "eps", "server-momentum", "nesterov", "weighting", "round-timeout", "min-valid-replies",
-        "max-update-norm", "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
+        "update-norm-bound", "update-norm-multiplier", "update-norm-window", "max-update-norm",
+        "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
         "out-dir",
     }  # fmt: skip
