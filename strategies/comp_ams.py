@@ -27,6 +27,7 @@ from fl_compams.codec import from_bytes
 from fl_compams.config import ExperimentConfig
 from fl_compams.errors import PayloadError
 from fl_compams.flat import ParamSpec, unflatten
+from fl_compams.nodes import label_sort_key
 from fl_compams.server import ServerState
 from strategies.traffic import RoundTraffic, sorted_by_label
 
@@ -155,7 +156,10 @@ class CompAMS(FedAvg):
                 )
             elif status.factor < 1.0 and status.outcome == Outcome.APPLIED:
                 traffic.clipped.append(v.reply.label)
-        ok = [v for v in valid if v.reply.label not in traffic.failures]
+        ok = sorted(  # label order, so means over replies do not depend on arrival order
+            (v for v in valid if v.reply.label not in traffic.failures),
+            key=lambda v: label_sort_key(v.reply.label),
+        )
         for label, reason in sorted(traffic.failures.items()):
             log.warning("round %d: dropped the reply of %s: %s", rnd, label, reason)
             traffic.per_client[label] = {
