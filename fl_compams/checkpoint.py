@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,16 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
 
 
 def load_checkpoint(
-    path: Path | str, device: torch.device | str = "cpu"
+    path: Path | str, device: torch.device | str = "cpu", *, dim: int | None = None
 ) -> tuple[ServerState, dict[str, Any]]:
-    """Read and verify a checkpoint; return the server state and the caller's ``extra`` dict."""
+    """Read and verify a checkpoint; return the server state and the caller's ``extra`` dict.
+
+    Besides the checksum, the header is checked field by field before it is used (a file with a valid
+    checksum may still have been written by something else): every tensor's table entry (a known dtype, a
+    shape whose size matches its byte count, inside the file), a 1-D ``theta`` (of ``dim`` parameters when
+    given), optimizer tensors of theta's shape, integer counters >= 0, well-formed statuses, a dict ``extra``.
+    Anything else raises :class:`CheckpointError`, so :func:`latest_checkpoint` skips the file.
+    """
     raw = Path(path).read_bytes()
     if len(raw) < _PREFIX.size + _DIGEST:
         raise CheckpointError(f"{path}: truncated ({len(raw)} bytes)")
@@ -111,38 +119,121 @@ def load_checkpoint(
     try:
         header = json.loads(body[_PREFIX.size : _PREFIX.size + head_len])
         data = body[_PREFIX.size + head_len :]
+        _require(isinstance(header, dict), "the header is not a JSON object")
         tensors = {}
         for entry in header["tensors"]:
-            start, n = entry["offset"], entry["nbytes"]
-            if start + n > len(data):
-                raise CheckpointError(f"{path}: tensor {entry['name']} runs past the end of the file")
-            dtype = _DTYPES[entry["dtype"]]
-            arr = np.frombuffer(
-                data, dtype=torch.empty(0, dtype=dtype).numpy().dtype, count=n // dtype.itemsize, offset=start
-            )
-            tensors[entry["name"]] = torch.from_numpy(arr.copy()).reshape(entry["shape"]).to(device)
+            tensors[entry["name"]] = _read_tensor(entry, data).to(device)
+        theta = tensors["theta"]
+        _require(theta.dim() == 1, f"theta must be a vector, got shape {tuple(theta.shape)}")
+        _require(
+            dim is None or theta.numel() == dim, f"theta has {theta.numel()} parameters, the model has {dim}"
+        )
         opt_cls = _OPT_STATES[header["opt_state_type"]]
-        fields = {**header["opt_scalars"], **{k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}}
+        scalars = header["opt_scalars"]
+        _require(isinstance(scalars, dict), "opt_scalars is not a JSON object")
+        for name, value in scalars.items():
+            _require(_is_count(value), f"optimizer counter {name!r} must be an integer >= 0, got {value!r}")
+        opt_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
+        for name, t in opt_tensors.items():
+            _require(
+                t.shape == theta.shape,
+                f"optimizer tensor {name!r} has shape {tuple(t.shape)}, theta's is {tuple(theta.shape)}",
+            )
+        fields = {**scalars, **opt_tensors}
+        _require(
+            set(fields) == set(opt_cls._fields),
+            f"{opt_cls.__name__} needs {sorted(opt_cls._fields)}, got {sorted(fields)}",
+        )
         opt_state = opt_cls(**fields)
-        unacked = {
-            str(label): tuple(Status(int(r), Outcome(int(o)), float(f)) for r, o, f in entries)
-            for label, entries in header.get("unacked", {}).items()
-        }
-        recent = tuple(tuple(float(n) for n in norms) for norms in header.get("recent_norms", []))
-        if not all(math.isfinite(n) and n >= 0 for norms in recent for n in norms):
-            raise CheckpointError(f"{path}: recent_norms must be finite numbers >= 0")
-        state = ServerState(int(header["round"]), tensors["theta"], opt_state, unacked, recent)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: malformed header ({err})") from err
-    return state, header["extra"]
+        unacked = header.get("unacked", {})
+        _require(isinstance(unacked, dict), "unacked is not a JSON object")
+        unacked = {str(label): _statuses(label, entries) for label, entries in unacked.items()}
+        _require(_is_count(header["round"]), f"round must be an integer >= 0, got {header['round']!r}")
+        extra = header["extra"]
+        _require(isinstance(extra, dict), f"extra must be a JSON object, got {type(extra).__name__}")
+        recent = header.get("recent_norms", [])
+        _require(isinstance(recent, list), "recent_norms is not a list")
+        recent = tuple(_norms(norms) for norms in recent)
+        state = ServerState(header["round"], theta, opt_state, unacked, recent)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
+        raise CheckpointError(f"{path}: malformed header ({type(err).__name__}: {err})") from err
+    return state, extra
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise CheckpointError(message)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_tensor(entry: Any, data: bytes) -> torch.Tensor:
+    """One tensor of the table, after checking its entry against itself and the file."""
+    _require(isinstance(entry, dict), f"tensor table entry {entry!r} is not a JSON object")
+    name, dtype, shape = entry["name"], _DTYPES[entry["dtype"]], entry["shape"]
+    start, n = entry["offset"], entry["nbytes"]
+    _require(isinstance(name, str), f"tensor name {name!r} is not a string")
+    _require(
+        isinstance(shape, list) and all(_is_count(s) for s in shape),
+        f"tensor {name}: shape {shape!r} is not a list of integers >= 0",
+    )
+    _require(_is_count(start) and _is_count(n), f"tensor {name}: offset and nbytes must be integers >= 0")
+    _require(
+        n == math.prod(shape) * dtype.itemsize,
+        f"tensor {name}: {n} bytes for a {entry['dtype']} tensor of shape {shape}",
+    )
+    _require(start + n <= len(data), f"tensor {name} runs past the end of the file")
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    arr = np.frombuffer(data, dtype=np_dtype, count=n // dtype.itemsize, offset=start)
+    return torch.from_numpy(arr.copy()).reshape(shape)
+
+
+def _statuses(label: str, entries: Any) -> tuple[Status, ...]:
+    _require(isinstance(entries, list), f"statuses of {label!r} are not a list")
+    out = []
+    for entry in entries:
+        _require(
+            isinstance(entry, list) and len(entry) == 3,
+            f"a status of {label!r} is not [round, outcome, factor]",
+        )
+        rnd, outcome, factor = entry
+        _require(_is_count(rnd), f"a status round of {label!r} must be an integer >= 0, got {rnd!r}")
+        _require(
+            isinstance(factor, int | float) and 0.0 <= factor <= 1.0,
+            f"a status factor of {label!r} must be in [0, 1], got {factor!r}",
+        )
+        out.append(Status(rnd, Outcome(outcome), float(factor)))
+    return tuple(out)
+
+
+def _norms(norms: Any) -> tuple[float, ...]:
+    _require(
+        isinstance(norms, list)
+        and all(
+            isinstance(n, int | float) and not isinstance(n, bool) and math.isfinite(n) and n >= 0
+            for n in norms
+        ),
+        f"recent_norms must be lists of finite numbers >= 0, got {norms!r}",
+    )
+    return tuple(float(n) for n in norms)
 
 
 def latest_checkpoint(
-    directory: Path | str, device: torch.device | str = "cpu"
+    directory: Path | str,
+    device: torch.device | str = "cpu",
+    *,
+    dim: int | None = None,
+    check: Callable[[ServerState, dict[str, Any]], None] | None = None,
 ) -> tuple[ServerState, dict[str, Any], Path] | None:
-    """The newest checkpoint in ``directory`` that verifies; corrupt newer ones are skipped with a warning."""
+    """The newest checkpoint in ``directory`` that verifies; unusable newer ones are skipped with a warning.
+
+    ``dim``: the model's parameter count (see :func:`load_checkpoint`); ``check``: the caller's own check of
+    the state and ``extra``, raising :class:`CheckpointError` for a checkpoint to skip.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -151,7 +242,12 @@ def latest_checkpoint(
     )
     for _, path in reversed(candidates):
         try:
-            state, extra = load_checkpoint(path, device)
+            state, extra = load_checkpoint(path, device, dim=dim)
+            if check is not None:
+                try:
+                    check(state, extra)
+                except CheckpointError as err:
+                    raise CheckpointError(f"{path}: {err}") from None
         except CheckpointError as err:
             warnings.warn(f"skipping unusable checkpoint: {err}; trying the previous one", stacklevel=2)
             continue

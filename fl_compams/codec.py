@@ -178,16 +178,26 @@ def max_encoded_size(dim: int) -> int:
 class Reader:
     """Cursor over the body that only hands out data after checking the bytes are there.
 
-    ``value_dtype`` and ``index_coding`` come from the (already validated) header. The checked readers
+    ``value_dtype`` and ``index_coding`` come from the (already validated) header; ``block_sizes`` from the
+    caller of :func:`from_bytes`. The checked readers
     (``count``, ``values``, ``f32``, ``bits``, ``indices``) raise :class:`PayloadError` naming what was
     expected and what was found, and return owned, writable, native-endian tensors.
     """
 
-    def __init__(self, data: bytes, offset: int, value_dtype: np.dtype = _F32, index_coding: str = "int32"):
+    def __init__(
+        self,
+        data: bytes,
+        offset: int,
+        value_dtype: np.dtype = _F32,
+        index_coding: str = "int32",
+        block_sizes: Sequence[int] | None = None,
+    ):
         self.data = memoryview(data)
         self.offset = offset
         self.value_dtype = value_dtype
         self.index_coding = index_coding
+        #: The model's block layout, when the caller knows it: a body that carries one must match it.
+        self.block_sizes = None if block_sizes is None else tuple(int(b) for b in block_sizes)
 
     @property
     def remaining(self) -> int:
@@ -279,9 +289,14 @@ def from_bytes(
     expected_dim: int,
     *,
     expected_kind: int | None = None,
+    block_sizes: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
 ) -> Payload:
     """Parse and validate a payload for a model of ``expected_dim`` parameters.
+
+    ``block_sizes``, when given, is the model's block layout (``ParamSpec.block_sizes``): a payload that
+    carries a layout of its own (Block-Sign) must have exactly these blocks, checked before anything sized by
+    its block count is read, so a payload of d one-coordinate blocks costs no more to refuse than to read.
 
     Raises
     ------
@@ -289,7 +304,7 @@ def from_bytes(
         On anything malformed: short or long input, bad magic or version, unknown kind, dtype or index
         coding, a dimension other than ``expected_dim``, a kind other than ``expected_kind``, counts that
         exceed the dimension, indices out of range, duplicated or unsorted, non-finite values, QSGD levels
-        above s, or non-zero padding bits.
+        above s, non-zero padding bits, or a block layout other than ``block_sizes``.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
@@ -326,7 +341,7 @@ def from_bytes(
         raise PayloadError(
             f"{kind_name(kind)} payloads have no indices: expected index coding code 0, got {index_code}"
         )
-    reader = Reader(data, HEADER_SIZE, _VALUE_DTYPES[value_code], INDEX_CODINGS[index_code])
+    reader = Reader(data, HEADER_SIZE, _VALUE_DTYPES[value_code], INDEX_CODINGS[index_code], block_sizes)
     payload = body.read_body(reader, kind, dim)
     reader.finish()
     return payload if torch.device(device).type == "cpu" else payload.to(device)

@@ -31,6 +31,7 @@ from fl_compams.schema import (
     BOOL,
     NONNEG_FLOAT,
     NONNEG_INT,
+    PLAIN_NAME_OR_EMPTY,
     POS_FLOAT,
     POS_INT,
     UNIT_OPEN,
@@ -100,6 +101,13 @@ _REST: tuple[Key, ...] = (
         "uniform",
         choice(WEIGHTINGS),
         "average client updates uniformly or by example count",
+        _S,
+    ),
+    key(
+        "max-num-examples",
+        0,
+        NONNEG_INT,
+        "cap on the num-examples a client claims (weighting = num-examples, Flower's baselines); 0 = no cap",
         _S,
     ),
     # --- robustness
@@ -197,7 +205,13 @@ _REST: tuple[Key, ...] = (
     key("probe-every", 0, NONNEG_INT, "measure sigma_g^2 every this many rounds; 0 = never", _S),
     key("checkpoint-every", 0, NONNEG_INT, "write the server state every this many rounds; 0 = never", _S),
     key("resume", False, BOOL, "continue from the latest valid checkpoint in the run directory", _S),
-    key("run-name", "", ANY_STR, "results go to <out-dir>/<run-name>; empty = a timestamped name", _S),
+    key(
+        "run-name",
+        "",
+        PLAIN_NAME_OR_EMPTY,
+        "results go to <out-dir>/<run-name> (a plain name, never reused without resume); empty = a timestamp",
+        _S,
+    ),
     key(
         "out-dir",
         "",
@@ -272,6 +286,7 @@ class ServerConfig:
     server_momentum: float
     nesterov: bool
     weighting: str
+    max_num_examples: int
     round_timeout: float
     min_valid_replies: int
     update_norm_bound: str

@@ -7,6 +7,7 @@ their keys with the same vocabulary without importing each other.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +18,8 @@ __all__ = [
     "BOOL",
     "NONNEG_FLOAT",
     "NONNEG_INT",
+    "PLAIN_NAME",
+    "PLAIN_NAME_OR_EMPTY",
     "POS_FLOAT",
     "POS_INT",
     "UNIT_OPEN",
@@ -81,3 +84,11 @@ POS_FLOAT: Rule = ((lambda v: v > 0 and math.isfinite(v)), "a finite number > 0"
 NONNEG_FLOAT: Rule = ((lambda v: v >= 0 and math.isfinite(v)), "a finite number >= 0")
 UNIT_OPEN: Rule = num_range(0.0, 1.0, lo_open=True)
 BETA: Rule = num_range(0.0, 1.0, hi_open=True)
+#: One path component that is safe in file names and logs: letters, digits, '.', '_', '-', starting with a
+#: letter or digit (so never '.', '..' or an option), at most 128 characters.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PLAIN_NAME_OR_EMPTY: Rule = (
+    (lambda v: v == "" or PLAIN_NAME.fullmatch(v) is not None),
+    "a plain name (letters, digits, '.', '_', '-', starting with a letter or digit, at most 128 characters; "
+    "no '/' or '..'), or empty",
+)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from simulations.sweep import available_presets, is_complete, load_preset, plan_runs
+from simulations.sweep import available_presets, is_complete, load_preset, plan_runs, set_aside
 
 
 def _seeds(text: str) -> list[int]:
@@ -86,6 +86,8 @@ def _run_all(todo, args) -> None:
     overall = tqdm(total=len(todo), desc="runs", position=0, unit="run")
     for r in todo:
         bar = tqdm(total=r.rounds, desc=f"{r.key} s{r.seed}", position=1, leave=False, unit="round")
+        if (old := set_aside(r.run_dir)) is not None:
+            tqdm.write(f"{r.run_dir} was incomplete; moved to {old.name} and started again")
         run_experiment(
             r.overrides,
             num_supernodes=r.num_supernodes,

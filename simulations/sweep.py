@@ -7,7 +7,9 @@ Dirichlet alpha or the number of clients) crossed with the methods. A preset may
 preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear anywhere overrides do.
 
 Runs go to ``<out>/<dataset>/<preset>/<method>[/<axis>]/seed-<s>/``; a run whose results are complete is
-skipped, so an interrupted sweep resumes where it stopped.
+skipped, so an interrupted sweep resumes where it stopped. The directory of an incomplete run is renamed to a
+hidden ``.seed-<s>.incomplete-<n>`` beside it before the run starts again (a run never reuses a directory, and
+nothing written is deleted).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from strategies.results import read_metrics
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
-__all__ = ["PRESET_DIR", "PlannedRun", "available_presets", "is_complete", "load_preset", "plan_runs"]
+__all__ = [
+    "PRESET_DIR",
+    "PlannedRun",
+    "available_presets",
+    "is_complete",
+    "load_preset",
+    "plan_runs",
+    "set_aside",
+]
 
 
 @dataclass(frozen=True)
@@ -99,3 +109,17 @@ def is_complete(run: PlannedRun) -> bool:
         return False
     rows = read_metrics(run.run_dir)
     return bool(rows) and rows[-1]["round"] == run.rounds
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Rename an existing (incomplete) run directory to ``.<name>.incomplete-<n>`` beside it; return the new path.
+
+    A fresh run refuses a directory that holds results; the report loader skips hidden directories.
+    """
+    if not run_dir.exists():
+        return None
+    n = 1
+    while (target := run_dir.with_name(f".{run_dir.name}.incomplete-{n}")).exists():
+        n += 1
+    run_dir.rename(target)
+    return target

@@ -2,16 +2,17 @@
 
 Sampling, ``fraction-train``, minimum node counts and the round loop (``start``) are Flower's own (FedAvg's).
 Each sampled node gets the shared dense model and settings plus the statuses of its unacknowledged replies
-(:func:`fl_compams.algorithm.instruction_for`). ``aggregate_train`` validates each reply, decodes its payload with
-the core codec and hands the valid ones to :func:`fl_compams.algorithm.server_step` (bound, average, one
-optimizer step, a status for every reply). A reply that fails validation, or an error reply, is dropped, logged
-with its node label and reason, counted, and never touches the model; its client folds it back.
+(:func:`fl_compams.algorithm.instruction_for`). ``aggregate_train`` validates each reply and decodes its payload
+(:mod:`strategies.validate`: records, metrics, kind, dimension, block layout) and hands the valid ones to
+:func:`fl_compams.algorithm.server_step` (bound, average, one optimizer step, a status for every reply). A reply
+that fails validation, or an error reply, is dropped, logged with its node label and reason, counted, and never
+touches the model; its client folds it back. Per-client rows hold the server's measurements and the known
+client metrics; a client metric never overwrites a server field.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,12 +24,12 @@ from flwr.serverapp.strategy import FedAvg
 from fl_compams import protocol
 from fl_compams.aggregate import aggregation_weights
 from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
-from fl_compams.codec import from_bytes
 from fl_compams.config import ExperimentConfig
 from fl_compams.errors import PayloadError
 from fl_compams.flat import ParamSpec, unflatten
 from fl_compams.nodes import label_sort_key
 from fl_compams.server import ServerState
+from strategies import validate
 from strategies.traffic import RoundTraffic, sorted_by_label
 
 log = logging.getLogger("flwr").getChild(__name__)  # shown in the `flwr run` stream beside Flower's own lines
@@ -41,6 +42,7 @@ class ValidReply:
     reply: ServerReply
     payload_bytes: int
     metrics: dict
+    claimed_examples: int
 
 
 class CompAMS(FedAvg):
@@ -168,12 +170,16 @@ class CompAMS(FedAvg):
             }
         for v in ok:
             label = v.reply.label
-            traffic.per_client[label] = {
+            row = {
                 "uplink_bytes": traffic.uplink_bytes[label],
                 "payload_bytes": v.payload_bytes,
                 "downlink_bytes": traffic.downlink_bytes.get(label, 0),
-                **{key.replace("-", "_"): value for key, value in v.metrics.items()},
             }
+            for key, value in v.metrics.items():  # the server's own fields win over any client metric
+                row.setdefault(key.replace("-", "_"), value)
+            if v.claimed_examples != v.reply.num_examples:
+                row["num_examples_claimed"] = v.claimed_examples
+            traffic.per_client[label] = row
         traffic.per_client = sorted_by_label(traffic.per_client)
         traffic.ok = [v.reply.label for v in ok]
         if not step.applied:
@@ -192,38 +198,36 @@ class CompAMS(FedAvg):
         return self.current_arrays(), self._metrics(traffic)
 
     def parse_reply(self, msg: Message, label: str, rnd: int) -> ValidReply:
-        """Check a training reply's records and decode its payload; raise PayloadError on anything wrong."""
-        content = msg.content
-        record = content.get(protocol.PAYLOAD) if protocol.PAYLOAD in content else None
-        if not isinstance(record, ConfigRecord) or protocol.PAYLOAD_BYTES not in record:
-            raise PayloadError(
-                f"reply has no {protocol.PAYLOAD!r} ConfigRecord with {protocol.PAYLOAD_BYTES!r}; "
-                f"got records {sorted(content.keys())}"
-            )
-        data = record[protocol.PAYLOAD_BYTES]
-        if not isinstance(data, bytes):
-            raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
-        reply_round = record.get(protocol.REPLY_ROUND, rnd)
-        if reply_round != rnd or isinstance(reply_round, bool):
-            raise PayloadError(f"reply answers round {reply_round!r}, expected this round {rnd}")
-        acked = record.get(protocol.ACKED, -1)
-        if not isinstance(acked, int) or isinstance(acked, bool) or not -1 <= acked < rnd:
-            raise PayloadError(f"{protocol.ACKED!r} must be an integer in [-1, {rnd - 1}], got {acked!r}")
-        metrics = content.get(protocol.METRICS) if protocol.METRICS in content else None
-        if not isinstance(metrics, MetricRecord):
-            raise PayloadError(f"reply has no {protocol.METRICS!r} MetricRecord")
-        n = metrics.get(protocol.NUM_EXAMPLES)
-        if not isinstance(n, int) or n < 0:
-            raise PayloadError(f"{protocol.NUM_EXAMPLES!r} must be an integer >= 0, got {n!r}")
-        if self.config.server.weighting == "num-examples" and n == 0:
-            raise PayloadError("num-examples is 0, but replies are weighted by num-examples")
-        loss = metrics.get(protocol.TRAIN_LOSS, math.nan)
-        if not isinstance(loss, int | float) or not math.isfinite(loss):
-            raise PayloadError(f"{protocol.TRAIN_LOSS!r} must be a finite number, got {loss!r}")
-        payload = from_bytes(
-            data, self.spec.dim, expected_kind=self.compressor.kind, device=self.state.theta.device
+        """Check a training reply (:func:`strategies.validate.training_reply`); raise PayloadError if it is bad."""
+        checked = validate.training_reply(
+            msg.content,
+            rnd,
+            dim=self.spec.dim,
+            kind=self.compressor.kind,
+            block_sizes=self.spec.block_sizes,
+            device=self.state.theta.device,
+            weighted=self.config.server.weighting == "num-examples",
+            max_num_examples=self.config.server.max_num_examples,
         )
-        return ValidReply(ServerReply(label, rnd, payload, n, acked), len(data), dict(metrics))
+        metrics = checked.metrics
+        if metrics.dropped:
+            log.warning(
+                "round %d: %s sent metrics the server does not read; left out: %s",
+                rnd,
+                label,
+                validate.quote_names(metrics.dropped),
+            )
+        n = int(metrics.values[protocol.NUM_EXAMPLES])
+        if n < metrics.claimed:
+            log.warning(
+                "round %d: %s claims %d examples; capped at max-num-examples = %d",
+                rnd,
+                label,
+                metrics.claimed,
+                n,
+            )
+        reply = ServerReply(label, rnd, checked.payload, n, checked.acked)
+        return ValidReply(reply, checked.payload_bytes, metrics.values, metrics.claimed)
 
     def summary(self) -> None:
         """Log what this strategy does (Flower's start banner; FedAvg's would name its num-examples weighting)."""

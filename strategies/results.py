@@ -6,6 +6,7 @@ read back with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -19,14 +20,54 @@ if TYPE_CHECKING:  # torch is imported lazily: plots and tables read results wit
 
 import numpy as np
 
-__all__ = ["ResultsDir", "load_model", "read_metrics", "resolve_run_dir"]
+__all__ = ["ResultsDir", "check_fresh", "load_model", "read_metrics", "resolve_run_dir"]
 
 
 def resolve_run_dir(out_dir: str, run_name: str, *, base: Path | None = None) -> Path:
-    """``<out-dir>/<run-name>``; out-dir defaults to ``runs/`` under ``base`` (the launch directory)."""
-    root = Path(out_dir) if out_dir else (base or Path.cwd()) / "runs"
-    name = run_name or time.strftime("%Y%m%d-%H%M%S")
-    return (root / name).resolve()
+    """``<out-dir>/<run-name>``, which must lie inside out-dir; out-dir defaults to ``runs/`` under ``base``.
+
+    ``run-name`` must be a plain name (:data:`fl_compams.schema.PLAIN_NAME`: one path component, no ``/`` or
+    ``..``); an empty one becomes a timestamp, with ``-2``, ``-3``, ... appended if that directory exists. The
+    resolved directory (symbolic links followed) must lie inside the resolved out-dir.
+    """
+    from fl_compams.errors import ConfigError  # lazily, like torch: the fl_compams package imports torch
+    from fl_compams.schema import PLAIN_NAME
+
+    root = (Path(out_dir) if out_dir else (base or Path.cwd()) / "runs").resolve()
+    if run_name and PLAIN_NAME.fullmatch(run_name) is None:
+        raise ConfigError(
+            f"config key 'run-name': must be a plain name (letters, digits, '.', '_', '-', starting with a "
+            f"letter or digit; no '/' or '..'), got {run_name!r}; results go to <out-dir>/<run-name>"
+        )
+    name = run_name
+    if not name:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = stamp
+        for n in itertools.count(2):
+            if not (root / name).exists():
+                break
+            name = f"{stamp}-{n}"
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(
+            f"run directory {root / name} resolves to {path}, outside out-dir {root} (a symbolic link?); "
+            "choose another run-name"
+        )
+    return path
+
+
+def check_fresh(path: Path) -> None:
+    """Refuse a fresh run in a directory that holds anything (an earlier run's results are never deleted)."""
+    from fl_compams.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        held = sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else []
+        raise ConfigError(
+            f"run directory {path} already exists and holds {held or 'a file'}: results of an earlier run are "
+            "never overwritten. Choose another run-name (or leave it empty for a timestamped one), or set "
+            "resume = true to continue that run from its latest checkpoint"
+        )
 
 
 def _json_safe(value: Any) -> Any:
@@ -43,8 +84,10 @@ class ResultsDir:
     """Writer for one run's results; ``metrics.jsonl`` gets one line per round, flushed at once."""
 
     def __init__(self, path: Path, *, keep_rounds_upto: int | None = None) -> None:
-        """Open ``path``; a fresh run starts an empty ``metrics.jsonl``, a resumed one keeps rounds <= the given."""
+        """Open ``path``; a fresh run needs an empty or new directory, a resumed one keeps rounds <= the given."""
         self.path = Path(path)
+        if keep_rounds_upto is None:
+            check_fresh(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
         kept = []

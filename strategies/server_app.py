@@ -3,7 +3,10 @@
 Results go to ``<out-dir>/<run-name>/`` (default ``runs/<timestamp>`` under the working directory of the
 process, which for ``flwr run .`` is where the local SuperLink was started; the README command passes an
 absolute ``out-dir``): ``config.json``, ``metrics.jsonl`` (one line per round, round 0 = the initial model),
-``partitions.json`` and ``model.npz``.
+``partitions.json`` and ``model.npz``. ``run-name`` is a plain name inside ``out-dir``; a fresh run refuses a
+directory that already holds anything (an earlier run's results are never overwritten), ``resume = true``
+continues one from its newest usable checkpoint. Everything a client sends is checked by
+:mod:`strategies.validate` before it is used.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fl_compams import protocol
 from fl_compams.algorithm import FLOWER_BASELINES
-from fl_compams.checkpoint import latest_checkpoint, save_checkpoint
+from fl_compams.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from fl_compams.config import build_algorithm, parse_config
-from fl_compams.errors import ConfigError
+from fl_compams.errors import ConfigError, PayloadError
 from fl_compams.flat import ParamSpec, flatten, unflatten
-from fl_compams.nodes import label_sort_key, node_label
+from fl_compams.nodes import label_sort_key
 from fl_compams.server import init_server_state
+from strategies import validate
 from strategies.comp_ams import CompAMS
-from strategies.results import ResultsDir, resolve_run_dir
-from strategies.traffic import RoundTraffic, traffic_row
+from strategies.results import ResultsDir, check_fresh, resolve_run_dir
+from strategies.traffic import RoundTraffic, sorted_by_label, traffic_row
 from strategies.wire import wire_bytes
 from tasks.partition import partition_stats
 from tasks.task import load_data, make_model, partitions, resolve_device
@@ -55,6 +59,12 @@ def run_server(
     ``on_round`` is called with every row written to ``metrics.jsonl`` (progress bars, live monitoring).
     """
     cfg = parse_config(run_config)  # a bad key or value stops here, before any round
+    baseline = cfg.algorithm in FLOWER_BASELINES
+    if baseline and (cfg.output.checkpoint_every or cfg.output.resume):
+        raise ConfigError("checkpoint-every and resume apply to the algorithm layer's algorithms only")
+    run_dir = resolve_run_dir(cfg.output.out_dir, cfg.output.run_name)
+    if not cfg.output.resume:
+        check_fresh(run_dir)  # never overwrite an earlier run's results; refuse before any message
     timeout = cfg.server.round_timeout
     device = resolve_device(cfg.train.device)
     bundle = load_data(cfg.data, seed=cfg.seed)
@@ -63,22 +73,18 @@ def run_server(
     algorithm = build_algorithm(cfg, spec.block_sizes)
     labels = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
 
-    run_dir = resolve_run_dir(cfg.output.out_dir, cfg.output.run_name)
     checkpoints = run_dir / "checkpoints"
     state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt)
     totals = {"up": 0, "down": 0, "probe": 0}
     done = 0
     if cfg.output.resume:
-        state, totals, done = _resume(checkpoints, cfg, spec, device, state, totals)
+        state, totals, done = _resume(run_dir, cfg, spec, device, state, totals)
     results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
     strategy = CompAMS(cfg, spec, algorithm, state, node_labels=labels, round_offset=done)
     run_grid = StableOrderGrid(grid, labels)
     traffic = strategy.traffic
-    baseline = cfg.algorithm in FLOWER_BASELINES
     if baseline:
-        if cfg.output.checkpoint_every or cfg.output.resume:
-            raise ConfigError("checkpoint-every and resume apply to the algorithm layer's algorithms only")
-        run_grid = MeasuringGrid(grid, labels, cfg, spec.dim)
+        run_grid = MeasuringGrid(grid, labels, cfg, spec)
         traffic = run_grid.traffic
     if not done:
         _write_run_info(results, cfg, labels, model, spec, device, bundle)
@@ -226,25 +232,48 @@ def flower_baseline(cfg):
 _RESUMABLE = {"num-server-rounds", "resume", "round-timeout", "checkpoint-every", "probe-every"}
 
 
-def _resume(checkpoints: Path, cfg, spec: ParamSpec, device, state, totals):
-    found = latest_checkpoint(checkpoints, device)
+def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):
+    """State, byte totals and rounds done from the newest usable checkpoint of ``run_dir``.
+
+    A checkpoint whose tensors do not fit this model, or whose run counters are malformed, is skipped like a
+    corrupt one. With no usable checkpoint the run starts at round 1, unless the directory already holds
+    results, which a fresh start would overwrite: then it refuses.
+    """
+    checkpoints = run_dir / "checkpoints"
+    found = latest_checkpoint(checkpoints, device, dim=spec.dim, check=_check_extra)
     if found is None:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"resume: no usable checkpoint in {checkpoints} (see the warnings), but {run_dir} holds an "
+                "earlier run's results, which a fresh start would overwrite; move them away or choose another "
+                "run-name (resume needs checkpoints: checkpoint-every > 0)"
+            )
         log.warning("resume: no valid checkpoint in %s; starting from round 1", checkpoints)
         return state, totals, 0
     saved, extra, path = found
-    if extra.get("dim") != spec.dim:
-        raise ConfigError(
-            f"resume: {path} holds a model of {extra.get('dim')} parameters, this run {spec.dim}"
-        )
     now = cfg.to_flat()
-    changed = sorted(k for k, v in extra.get("config", {}).items() if k not in _RESUMABLE and now.get(k) != v)
+    changed = sorted(k for k, v in extra["config"].items() if k not in _RESUMABLE and now.get(k) != v)
     if changed:
         raise ConfigError(
             f"resume: {path} was written with different settings for {changed}; resume with the same "
             "config (only " + ", ".join(sorted(_RESUMABLE)) + " may change)"
         )
     log.info("resume: continuing after round %d from %s", saved.round, path)
-    return saved, {k: int(v) for k, v in extra["totals"].items()}, saved.round
+    return saved, dict(extra["totals"]), saved.round
+
+
+def _check_extra(state, extra: dict) -> None:
+    """What the ServerApp adds to a checkpoint (``checkpoint_hook``): the config and the byte totals."""
+    if not isinstance(extra.get("config"), dict):
+        raise CheckpointError(
+            f"'config' must be a table of settings, got {type(extra.get('config')).__name__}"
+        )
+    totals = extra.get("totals")
+    if not isinstance(totals, dict) or not {"up", "down", "probe"} <= set(totals):
+        raise CheckpointError(f"'totals' must hold the byte counters up, down, probe, got {totals!r}")
+    for name, value in totals.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"byte counter totals[{name!r}] must be an integer >= 0, got {value!r}")
 
 
 class StableOrderGrid:
@@ -268,51 +297,71 @@ class StableOrderGrid:
 
 
 class MeasuringGrid(StableOrderGrid):
-    """A stable-order grid that measures the bytes of every training message (for Flower's own strategies).
+    """A stable-order grid that measures and checks every training message (for Flower's own strategies).
 
     CompAMS measures its traffic itself; Flower's FedAvg and FedAdam do not, so their runs go through this view:
     each ``send_and_receive`` of TRAIN messages is one round, with the serialised size of every instruction and
-    reply, and error replies or missing replies counted as failures.
+    reply, and error replies or missing replies counted as failures. Flower's strategies trust their replies,
+    so each one is checked here first (:func:`strategies.validate.dense_model_reply`: the model's tensors,
+    finite; ``num-examples`` > 0 and capped; a finite loss): a bad one is counted as a failure and not handed
+    on, and a good one is handed on with only the metrics Flower needs.
     """
 
-    def __init__(self, grid: Grid, labels: Mapping[int, str], cfg, dim: int) -> None:
+    def __init__(self, grid: Grid, labels: Mapping[int, str], cfg, spec: ParamSpec) -> None:
         super().__init__(grid, labels)
         self.cfg = cfg
-        self.dim = dim
+        self.dim = spec.dim
+        self.shapes = dict(zip(spec.names, spec.shapes, strict=True))
         self.traffic: dict[int, RoundTraffic] = {}
 
     def send_and_receive(self, messages, timeout=None):
-        """Forward to the real grid, measuring TRAIN rounds."""
+        """Forward to the real grid, measuring TRAIN rounds and passing on only valid replies."""
         messages = list(messages)
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return self._grid.send_and_receive(messages, timeout=timeout)
         label = lambda node: self._labels.get(node, f"node-{node}")  # noqa: E731
         traffic = RoundTraffic()
         traffic.record_instructions(messages, label)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        losses, weights = [], []
-        for r in replies:
+        rnd = len(self.traffic) + 1
+        passed, losses, weights = [], [], []
+        for r in self._grid.send_and_receive(messages, timeout=timeout):
             name = label(r.metadata.src_node_id)
             if not traffic.record_reply(name, r):
+                passed.append(r)  # an error reply: Flower logs and skips it
                 continue
-            metrics = r.content.metric_records
-            record = next(iter(metrics.values())) if metrics else {}
+            try:
+                metrics = validate.dense_model_reply(
+                    r.content, self.shapes, max_num_examples=self.cfg.server.max_num_examples
+                )
+            except PayloadError as err:
+                traffic.failures[name] = str(err)
+                log.warning("round %d: dropped the reply of %s: %s", rnd, name, err)
+                traffic.per_client[name] = {"uplink_bytes": traffic.uplink_bytes[name], "failure": str(err)}
+                continue
+            r.content[protocol.METRICS] = MetricRecord(metrics.values)  # what Flower's averaging reads
+            passed.append(r)
             traffic.ok.append(name)
             traffic.per_client[name] = {"uplink_bytes": traffic.uplink_bytes[name]}
-            losses.append(float(record.get(protocol.TRAIN_LOSS, math.nan)))
-            weights.append(float(record.get(protocol.NUM_EXAMPLES, 1)))
+            losses.append(float(metrics.values[protocol.TRAIN_LOSS]))
+            weights.append(float(metrics.values[protocol.NUM_EXAMPLES]))
         traffic.record_missing(self.cfg.server.round_timeout)
         if losses:  # Flower weights clients by num-examples; report the train loss the same way
             traffic.train_loss = sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights)
             traffic.applied = True
         traffic.ok.sort(key=label_sort_key)
+        traffic.per_client = sorted_by_label(traffic.per_client)
         traffic.uplink_theory_bits = 32.0 * self.dim * len(traffic.ok)  # dense float32 models
-        self.traffic[len(self.traffic) + 1] = traffic
-        return replies
+        self.traffic[rnd] = traffic
+        return passed
 
 
 def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dict[int, str]:
-    """Wait for enough nodes, ask each for its stable name, and check the sampling settings can be met."""
+    """Wait for enough nodes, ask each for its stable name, and check the sampling settings can be met.
+
+    A claimed name is a label only (:func:`strategies.validate.unique_labels`): a node whose hello reply is
+    missing or malformed, or that claims a label an earlier node (by node id) holds, is named ``node-<node id>``,
+    logged; the run goes on.
+    """
     deadline = time.monotonic() + wait_s
     while len(node_ids := list(grid.get_node_ids())) < cfg.server.min_train_nodes:
         if time.monotonic() > deadline:
@@ -332,15 +381,24 @@ def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dic
         for nid in node_ids
     ]
     labels = {nid: f"node-{nid}" for nid in node_ids}
+    claims = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
-        if reply.has_error():
+        if node not in labels:
+            log.warning("hello: ignored a reply from node %d, which was not asked", node)
+        elif reply.has_error():
             log.warning(
                 "hello: node %d did not answer (%s); it is named by its node id", node, reply.error.reason
             )
-            continue
-        info = reply.content[protocol.NODE_INFO]
-        labels[node] = node_label(int(info[protocol.PARTITION_ID]), str(info[protocol.NODE_NAME]), node)
+        else:
+            try:
+                claims[node] = validate.node_claim(reply.content)
+            except PayloadError as err:
+                log.warning("hello: node %d: %s; it is named by its node id", node, err)
+    granted, notes = validate.unique_labels(claims)
+    for note in notes:
+        log.warning("hello: %s", note)
+    labels.update(granted)
     return labels
 
 
@@ -354,8 +412,10 @@ def probe_heterogeneity(
     """Ask every node for its full local gradient at the current model; report sigma_g^2 and sigma^2.
 
     ``sigma_g2 = (1/n) sum_i ||grad f_i - grad f||^2`` with ``grad f = (1/n) sum_i grad f_i`` (the
-    heterogeneity term of Li et al.'s Theorem 1) and ``sigma2`` = the mean local minibatch variance. Probe
-    traffic is reported separately from training traffic.
+    heterogeneity term of Li et al.'s Theorem 1) and ``sigma2`` = the mean local minibatch variance, over the
+    nodes whose reply passes :func:`strategies.validate.probe_reply` (a gradient of the model's length, finite;
+    a finite variance >= 0); the others are left out and logged. Probe traffic is reported separately from
+    training traffic.
     """
     content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: client_config})
     messages = [
@@ -369,14 +429,20 @@ def probe_heterogeneity(
         grid.send_and_receive(messages, timeout=timeout),
         key=lambda r: label_sort_key(labels.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}")),
     )
+    dim = sum(math.prod(a.shape) for a in arrays.values())
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            log.warning("probe: node %d failed: %s", reply.metadata.src_node_id, reply.error.reason)
+            log.warning("probe: node %d failed: %s", node, reply.error.reason)
             continue
         probe_bytes += wire_bytes(reply.content)
-        grad = reply.content[protocol.PROBE_GRADIENT][protocol.PROBE_GRADIENT].numpy()
-        grads.append(torch.from_numpy(grad.astype("float64")))
-        variances.append(float(reply.content[protocol.METRICS][protocol.LOCAL_VARIANCE]))
+        try:
+            grad, variance = validate.probe_reply(reply.content, dim)
+        except PayloadError as err:
+            log.warning("probe: left out node %d (%s): %s", node, labels.get(node, f"node-{node}"), err)
+            continue
+        grads.append(grad)
+        variances.append(variance)
     if not grads:
         return {"sigma_g2": None, "sigma2": None, "probe_clients": 0, "probe_bytes": probe_bytes}
     stacked = torch.stack(grads)

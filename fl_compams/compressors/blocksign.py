@@ -55,9 +55,24 @@ class BlockSignPayload(Payload):
 
     @classmethod
     def read_body(cls, r: Reader, kind: int, dim: int) -> BlockSignPayload:
-        """Block sizes positive and summing to dim, scales finite and >= 0, sign padding zero."""
+        """Block sizes positive, summing to dim and the model's; scales finite and >= 0; sign padding zero.
+
+        The model's layout is ``r.block_sizes`` when the caller knows it. The decode cost grows with the number
+        of blocks, so the layout is compared before the sizes are even read: a payload of d one-coordinate
+        blocks is refused at its block count.
+        """
         n_blocks = r.count("n_blocks", dim, minimum=1)
+        expected = r.block_sizes
+        if expected is not None and n_blocks != len(expected):
+            raise PayloadError(
+                f"block layout: expected the model's {len(expected)} blocks, got {n_blocks} blocks"
+            )
         sizes = r.array(np.dtype("<u4"), n_blocks, "block sizes")
+        if expected is not None and not np.array_equal(sizes, expected):
+            at = int(np.flatnonzero(sizes != np.asarray(expected))[0])
+            raise PayloadError(
+                f"block layout: block {at} must have the model's size {expected[at]}, got {int(sizes[at])}"
+            )
         total = int(sizes.sum(dtype=np.int64))
         if sizes.min() < 1 or total != dim:
             raise PayloadError(
@@ -68,7 +83,7 @@ class BlockSignPayload(Payload):
         if bool((scales < 0).any()):
             raise PayloadError("block scales must be >= 0 (they are mean absolute values)")
         signs = r.bits(dim, "signs")
-        return cls(dim, tuple(int(s) for s in sizes), scales, signs)
+        return cls(dim, tuple(sizes.tolist()), scales, signs)
 
 
 @register

@@ -119,7 +119,7 @@ class QSGD(Compressor):
         check_vector(x)
         gen = check_rng("qsgd", x, rng)
         d = x.numel()
-        bucket = self.bucket_size or d
+        bucket = min(self.bucket_size or d, d)  # a bucket larger than d is one bucket (the wire allows <= d)
         n_buckets = -(-d // bucket)
         padded = torch.zeros(n_buckets * bucket, dtype=x.dtype, device=x.device)
         padded[:d] = x

@@ -91,3 +91,79 @@ def test_unknown_future_version_is_refused_with_a_clear_message(tmp_path):
     path.write_bytes(bytes(body) + hashlib.sha256(body).digest())
     with pytest.raises(CheckpointError, match=r"format version 99, this code reads versions \[1, 2, 3\]"):
         load_checkpoint(path)
+
+
+def reseal(path, edit):
+    """Rewrite a checkpoint's header with ``edit(header)`` (or raw header bytes) and a valid checksum again."""
+    import hashlib
+    import json
+    import struct
+
+    body = path.read_bytes()[:-32]
+    magic, version, head_len = struct.unpack_from("<8sHI", body)
+    header = json.loads(body[14 : 14 + head_len])
+    head = edit(header)
+    head = head if isinstance(head, bytes) else json.dumps(header).encode()
+    new = struct.pack("<8sHI", magic, version, len(head)) + head + body[14 + head_len :]
+    path.write_bytes(new + hashlib.sha256(new).digest())
+
+
+def _tensor(header, name):
+    return next(t for t in header["tensors"] if t["name"] == name)
+
+
+CRAFTED = {  # each keeps a valid checksum; before issue 10 some raised RuntimeError or KeyError, some loaded
+    "theta not a vector": (lambda h: _tensor(h, "theta").update(shape=[5, 10]), "theta must be a vector"),
+    "shape vs bytes": (lambda h: _tensor(h, "theta").update(shape=[49]), "200 bytes for a float32 tensor"),
+    "moment shape": (
+        lambda h: _tensor(h, "opt.m").update(shape=[25], nbytes=100),
+        r"optimizer tensor 'm' has shape \(25,\), theta's is \(50,\)",
+    ),
+    "past the end": (lambda h: _tensor(h, "opt.v").update(offset=10**6), "runs past the end"),
+    "unknown dtype": (lambda h: _tensor(h, "theta").update(dtype="object"), "malformed header"),
+    "no extra": (lambda h: h.pop("extra"), "malformed header"),
+    "extra not a dict": (lambda h: h.update(extra=[1]), "extra must be a JSON object"),
+    "no round": (lambda h: h.pop("round"), "malformed header"),
+    "round a string": (lambda h: h.update(round="3"), "round must be an integer >= 0"),
+    "negative round": (lambda h: h.update(round=-1), "round must be an integer >= 0"),
+    "step a string": (lambda h: h["opt_scalars"].update(step="x"), "optimizer counter 'step'"),
+    "no step": (lambda h: h["opt_scalars"].pop("step"), r"AdamState needs \['m', 'step', 'v', 'v_hat'\]"),
+    "no moment": (lambda h: h["tensors"].pop(), r"AdamState needs"),
+    "no theta": (lambda h: h.update(tensors=h["tensors"][1:]), "malformed header"),
+    "unknown optimizer": (lambda h: h.update(opt_state_type="Evil"), "malformed header"),
+    "status factor": (lambda h: h.update(unacked={"p": [[1, 1, 5.0]]}), "status factor of 'p' must be in"),
+    "status shape": (lambda h: h.update(unacked={"p": [[1, 1]]}), r"is not \[round, outcome, factor\]"),
+    "status outcome": (lambda h: h.update(unacked={"p": [[1, 9, 0.0]]}), "malformed header"),
+    "statuses not a list": (lambda h: h.update(unacked={"p": 3}), "statuses of 'p' are not a list"),
+    "header a list": (lambda h: b"[]", "the header is not a JSON object"),
+    "deeply nested": (lambda h: b"[" * 100_000 + b"]" * 100_000, "malformed header"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_checkpoints_with_a_valid_checksum_are_refused(tmp_path, case):
+    edit, match = CRAFTED[case]
+    path = save_checkpoint(tmp_path, trained_state(AMSGrad()), {"totals": {"up": 1}})
+    reseal(path, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_latest_skips_crafted_or_mismatched_checkpoints(tmp_path):
+    s3 = trained_state(AMSGrad(), 3)
+    save_checkpoint(tmp_path, s3, {"totals": {"up": 1}})
+    crafted = save_checkpoint(tmp_path, trained_state(AMSGrad(), 6), {"totals": {"up": 2}})
+    reseal(crafted, CRAFTED["moment shape"][0])
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint.*round-000006.*optimizer tensor 'm'"):
+        state, _, path = latest_checkpoint(tmp_path)
+    assert state.round == 3 and path.name == "round-000003.ckpt" and torch.equal(state.theta, s3.theta)
+    with pytest.warns(UserWarning, match="round-000003.ckpt: theta has 50 parameters, the model has 49"):
+        assert latest_checkpoint(tmp_path, dim=49) is None
+
+    def check(state, extra):
+        if extra["totals"]["up"] < 5:
+            raise CheckpointError(f"totals too small: {extra['totals']}")
+
+    with pytest.warns(UserWarning, match="round-000003.ckpt: totals too small"):
+        assert latest_checkpoint(tmp_path, check=check) is None
+    assert latest_checkpoint(tmp_path, dim=50, check=lambda s, e: None)[0].round == 3

@@ -224,3 +224,35 @@ def test_codec_never_uses_pickle():
 
     src = open(codec.__file__).read()
     assert "pickle" not in src.replace("Never pickle", "")
+
+
+def test_block_layout_is_checked_against_the_model_before_the_sizes_are_read():
+    from fl_compams.compressors.blocksign import BlockSign
+
+    d, model = 1000, (600, 400)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    tiny = to_bytes(BlockSign((1,) * d).encode(x))
+    assert from_bytes(tiny, d).block_sizes == (1,) * d  # the codec alone accepts any valid layout
+    with pytest.raises(PayloadError, match="block layout: expected the model's 2 blocks, got 1000 blocks"):
+        from_bytes(tiny, d, block_sizes=model)
+    # refused at the block count: cut right after it, the layout (not the truncation) is what is reported
+    with pytest.raises(PayloadError, match="block layout: expected the model's 2 blocks, got 1000 blocks"):
+        from_bytes(tiny[: HEADER_SIZE + 4], d, block_sizes=model)
+    swapped = to_bytes(BlockSign((400, 600)).encode(x))
+    with pytest.raises(PayloadError, match="block layout: block 0 must have the model's size 600, got 400"):
+        from_bytes(swapped, d, block_sizes=model)
+    good = from_bytes(to_bytes(BlockSign(model).encode(x)), d, block_sizes=model)
+    assert good.block_sizes == model
+    topk = make_compressor("topk", k=5).encode(x)  # payloads without a layout ignore it
+    assert torch.equal(from_bytes(to_bytes(topk), d, block_sizes=model).decode(), topk.decode())
+
+
+@pytest.mark.parametrize("bucket", [25, 26, 1000])
+def test_qsgd_bucket_of_d_or_more_is_one_bucket_on_the_wire(bucket):
+    from fl_compams import QSGD
+
+    x = torch.randn(25, generator=torch.Generator().manual_seed(1))
+    payload = QSGD(levels=4, bucket_size=bucket).encode(x, torch.Generator().manual_seed(2))
+    back = from_bytes(to_bytes(payload), 25)
+    one_bucket = QSGD(levels=4).encode(x, torch.Generator().manual_seed(2))
+    assert back.bucket_size == 25 and torch.equal(back.decode(), one_bucket.decode())

@@ -125,7 +125,7 @@ def test_client_keys_are_derived_from_the_schema():
     server_only = {k.name for k in SCHEMA} - set(protocol.CLIENT_KEYS)
     assert server_only == {
         "num-server-rounds", "fraction-train", "min-train-nodes", "server-opt", "server-lr", "beta1", "beta2",
-        "eps", "server-momentum", "nesterov", "weighting", "round-timeout", "min-valid-replies",
+        "eps", "server-momentum", "nesterov", "weighting", "max-num-examples", "round-timeout", "min-valid-replies",
         "update-norm-bound", "update-norm-multiplier", "update-norm-window", "max-update-norm",
         "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
         "out-dir",

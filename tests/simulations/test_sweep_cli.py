@@ -3,7 +3,7 @@
 import pytest
 
 from simulations import cli
-from simulations.sweep import available_presets, plan_runs
+from simulations.sweep import available_presets, plan_runs, set_aside
 
 
 @pytest.mark.parametrize("name", available_presets())
@@ -34,3 +34,15 @@ def test_cli_dry_run_lists_only_missing_runs(tmp_path, capsys):
     assert "4 runs, 0 already complete, 4 to run" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "speedup", "--seeds", "zero"])
+
+
+def test_an_incomplete_run_is_set_aside_never_deleted(tmp_path):
+    run_dir = tmp_path / "topk" / "seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"round": 0}\n')
+    moved = set_aside(run_dir)
+    assert moved.name == ".seed-0.incomplete-1" and not run_dir.exists()
+    assert (moved / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    run_dir.mkdir()
+    assert set_aside(run_dir).name == ".seed-0.incomplete-2"
+    assert set_aside(run_dir) is None  # nothing there

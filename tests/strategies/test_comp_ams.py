@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_compams import ParamSpec, build_compressor, parse_config, protocol, to_bytes
+from fl_compams.algorithm import Outcome
 from fl_compams.config import build_algorithm
 from fl_compams.server import init_server_state
 from strategies.comp_ams import CompAMS
@@ -247,3 +248,89 @@ def test_oversize_payload_is_rejected_before_parsing():
     strategy, _ = make_strategy()
     strategy.aggregate_train(1, [reply(1, b"CAMS" + b"\x00" * (10 * SPEC.dim + 200))])
     assert "oversize payload" in strategy.traffic[1].failures["node-1"]
+
+
+# ------------------------------------------------------------------------ hostile replies (issue 10)
+@pytest.mark.parametrize(
+    "name,value,reason",
+    [
+        (
+            protocol.RESIDUAL_NORM,
+            [1.0, 2.0],
+            "metric 'residual-norm' must be a finite number >= 0, got [1.0, 2.0]",
+        ),
+        (protocol.RESIDUAL_NORM, math.inf, "metric 'residual-norm' must be a finite number >= 0, got inf"),
+        (protocol.RESIDUAL_NORM, -1.0, "metric 'residual-norm' must be a finite number >= 0, got -1.0"),
+        (protocol.RESIDUAL_NORM_IN, math.nan, "metric 'residual-norm-in' must be a finite number >= 0"),
+        (protocol.FOLDED_NORM, [0.0], "metric 'ef-folded-norm' must be a finite number >= 0"),
+        (protocol.REMOVED_NORM, -math.inf, "metric 'ef-removed-norm' must be a finite number >= 0"),
+        (protocol.STATE_ROUNDS, 1.5, "metric 'state-rounds' must be an integer >= 0, got 1.5"),
+        (protocol.STATE_ROUNDS, -2, "metric 'state-rounds' must be an integer >= 0, got -2"),
+        (protocol.NUM_EXAMPLES, 2.0, "metric 'num-examples' must be an integer >= 0, got 2.0"),
+        (protocol.NUM_EXAMPLES, [3], "metric 'num-examples' must be an integer >= 0, got [3]"),
+        (protocol.TRAIN_LOSS, [0.5], "metric 'train-loss' must be a finite number, got [0.5]"),
+    ],
+)
+def test_a_bad_metric_drops_that_reply_only(name, value, reason):
+    strategy, _ = make_strategy(**{"topk-k": 3})
+    xs = updates(2, 3)
+    good = [reply(i, to_bytes(strategy.compressor.encode(x))) for i, x in enumerate(xs[:2])]
+    bad = reply(9, to_bytes(strategy.compressor.encode(xs[2])), **{name: value})
+    strategy.aggregate_train(1, [good[0], bad, good[1]])  # never raises
+
+    clean, _ = make_strategy(**{"topk-k": 3})
+    clean.aggregate_train(1, good)
+    assert torch.equal(strategy.state.theta, clean.state.theta)
+    traffic = strategy.traffic[1]
+    assert traffic.ok == ["node-0", "node-1"] and reason in traffic.failures["node-9"]
+    assert strategy.state.unacked["node-9"][-1].outcome == Outcome.LOST  # its client folds it back
+
+
+def test_client_metrics_never_overwrite_server_fields_and_unknown_ones_are_left_out():
+    from strategies.traffic import traffic_row
+
+    strategy, _ = make_strategy(**{"topk-k": 3})
+    data = to_bytes(strategy.compressor.encode(updates(3, 1)[0]))
+    colliding = {"uplink-bytes": 1, "payload-bytes": 2, "downlink-bytes": 3, "uplink_bytes": 4, "failure": 5}
+    msg = reply(1, data, **colliding, **{"made-up": 7.0, protocol.RESIDUAL_NORM: 0.5})
+    strategy.configure_train(1, strategy.current_arrays(), ConfigRecord(), FakeGrid([1]))
+    strategy.aggregate_train(1, [msg])
+    row = traffic_row(strategy.traffic[1], {"up": 0, "down": 0})["clients"]["node-1"]
+    assert row["uplink_bytes"] == wire_bytes(msg.content) > len(data) == row["payload_bytes"]
+    assert row["downlink_bytes"] == strategy.traffic[1].downlink_bytes["node-1"] > 4 * SPEC.dim
+    assert row == {
+        "uplink_bytes": row["uplink_bytes"],
+        "payload_bytes": len(data),
+        "downlink_bytes": row["downlink_bytes"],
+        "num_examples": 10,
+        "train_loss": 1.0,
+        "residual_norm": 0.5,
+    }
+
+
+def test_claimed_num_examples_are_capped_at_max_num_examples():
+    strategy, theta0 = make_strategy(
+        compressor="identity", weighting="num-examples", **{"max-num-examples": 30}
+    )
+    xs = updates(1, 2)
+    enc = lambda x: to_bytes(strategy.compressor.encode(x))  # noqa: E731
+    strategy.aggregate_train(1, [reply(1, enc(xs[0]), n=10), reply(2, enc(xs[1]), n=10**12)])
+    assert torch.allclose(strategy.state.theta, step_one(theta0, 0.25 * xs[0] + 0.75 * xs[1]), atol=1e-6)
+    rows = strategy.traffic[1].per_client
+    assert rows["node-2"]["num_examples"] == 30 and rows["node-2"]["num_examples_claimed"] == 10**12
+    assert rows["node-1"]["num_examples"] == 10 and "num_examples_claimed" not in rows["node-1"]
+
+
+def test_blocksign_payload_must_have_the_models_block_layout():
+    from fl_compams.compressors.blocksign import BlockSign
+
+    strategy, _ = make_strategy(compressor="blocksign")
+    x = updates(3, 1)[0]
+    layouts = {1: SPEC.block_sizes, 2: (1,) * SPEC.dim, 3: (5, 20), 4: None}
+    replies = [reply(n, to_bytes(BlockSign(b).encode(x))) for n, b in layouts.items()]
+    strategy.aggregate_train(1, replies)
+    traffic = strategy.traffic[1]
+    assert traffic.ok == ["node-1"]
+    assert "block layout: expected the model's 2 blocks, got 25 blocks" in traffic.failures["node-2"]
+    assert "block layout: block 0 must have the model's size 20, got 5" in traffic.failures["node-3"]
+    assert "block layout: expected the model's 2 blocks, got 1 blocks" in traffic.failures["node-4"]
