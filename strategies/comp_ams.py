@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,6 +30,7 @@ from fl_compams.flat import ParamSpec, unflatten
 from fl_compams.nodes import label_sort_key
 from fl_compams.server import ServerState
 from strategies import validate
+from strategies.naming import NodeNames
 from strategies.traffic import RoundTraffic, sorted_by_label
 
 log = logging.getLogger("flwr").getChild(__name__)  # shown in the `flwr run` stream beside Flower's own lines
@@ -58,9 +59,10 @@ class CompAMS(FedAvg):
         The composition of parts (compressor, EF, bound, weighting, server optimizer) the round runs.
     state
         The current :class:`~fl_compams.server.ServerState` (model, optimizer moments, unacknowledged statuses).
-    node_labels
+    names
         Stable names of the nodes (``"partition-3"``), used to order replies before summing (so results do not
-        depend on arrival order or on Flower's random node ids) and to key per-client results.
+        depend on arrival order or on Flower's random node ids), to key per-client results and statuses; nodes
+        that appear during the run (a restarted SuperNode) are named before the round that samples them.
     round_offset
         Rounds already done before this ``start()`` (when resuming from a checkpoint).
     fedavg_kwargs
@@ -74,7 +76,7 @@ class CompAMS(FedAvg):
         algorithm: Algorithm,
         state: ServerState,
         *,
-        node_labels: Mapping[int, str] | None = None,
+        names: NodeNames | None = None,
         round_offset: int = 0,
         **fedavg_kwargs,
     ) -> None:
@@ -87,14 +89,14 @@ class CompAMS(FedAvg):
         self.algorithm = algorithm
         self.compressor = algorithm.compressor
         self.state = state
-        self.node_labels = dict(node_labels or {})
+        self.names = names if names is not None else NodeNames()
         self.round_offset = round_offset
         self.traffic: dict[int, RoundTraffic] = {}
         self._sent: dict[int, list[Message]] = {}
 
     def label(self, node_id: int) -> str:
         """Stable name of a node: its partition if known, else its node id."""
-        return self.node_labels.get(node_id, f"node-{node_id}")
+        return self.names.label(node_id)
 
     # ------------------------------------------------------------------------------------------ train
     def client_config(self) -> ConfigRecord:
@@ -111,6 +113,9 @@ class CompAMS(FedAvg):
             config[key] = value
         # Flower samples with the `random` module: seeding it per round makes the sample a function of
         # (seed, round) only, so runs repeat and a resumed run samples what the uninterrupted one would.
+        self.names.learn(
+            grid, grid.get_node_ids(), self.config.server.round_timeout
+        )  # new or restarted nodes
         random.seed(protocol.derive_seed(self.config.seed, rnd))
         messages = []
         for m in super().configure_train(rnd, arrays, config, grid):

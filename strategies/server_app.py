@@ -34,6 +34,7 @@ from fl_compams.nodes import label_sort_key
 from fl_compams.server import init_server_state
 from strategies import validate
 from strategies.comp_ams import CompAMS
+from strategies.naming import NodeNames
 from strategies.results import ResultsDir, check_fresh, resolve_run_dir
 from strategies.traffic import RoundTraffic, sorted_by_label, traffic_row
 from strategies.wire import wire_bytes
@@ -71,7 +72,8 @@ def run_server(
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)
     algorithm = build_algorithm(cfg, spec.block_sizes)
-    labels = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
+    names = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
+    labels = names.labels  # one dict, updated when a node first appears (or returns) during the run
 
     checkpoints = run_dir / "checkpoints"
     state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt)
@@ -80,7 +82,7 @@ def run_server(
     if cfg.output.resume:
         state, totals, done = _resume(run_dir, cfg, spec, device, state, totals)
     results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
-    strategy = CompAMS(cfg, spec, algorithm, state, node_labels=labels, round_offset=done)
+    strategy = CompAMS(cfg, spec, algorithm, state, names=names, round_offset=done)
     run_grid = StableOrderGrid(grid, labels)
     traffic = strategy.traffic
     if baseline:
@@ -355,12 +357,12 @@ class MeasuringGrid(StableOrderGrid):
         return passed
 
 
-def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dict[int, str]:
+def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> NodeNames:
     """Wait for enough nodes, ask each for its stable name, and check the sampling settings can be met.
 
-    A claimed name is a label only (:func:`strategies.validate.unique_labels`): a node whose hello reply is
-    missing or malformed, or that claims a label an earlier node (by node id) holds, is named ``node-<node id>``,
-    logged; the run goes on.
+    A claimed name is a label only (:class:`strategies.naming.NodeNames`): a node whose hello reply is missing or
+    malformed, or that claims a label an earlier node (by node id) holds, is named ``node-<node id>``, logged; the
+    run goes on.
     """
     deadline = time.monotonic() + wait_s
     while len(node_ids := list(grid.get_node_ids())) < cfg.server.min_train_nodes:
@@ -376,30 +378,9 @@ def discover_nodes(grid: Grid, cfg, timeout: float, wait_s: float = 30.0) -> dic
             f"min-valid-replies = {cfg.server.min_valid_replies} exceeds the {sample} clients sampled per round "
             f"({len(node_ids)} nodes x fraction-train {cfg.server.fraction_train}); lower it"
         )
-    messages = [
-        Message(content=RecordDict(), message_type=protocol.HELLO_MESSAGE_TYPE, dst_node_id=nid)
-        for nid in node_ids
-    ]
-    labels = {nid: f"node-{nid}" for nid in node_ids}
-    claims = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if node not in labels:
-            log.warning("hello: ignored a reply from node %d, which was not asked", node)
-        elif reply.has_error():
-            log.warning(
-                "hello: node %d did not answer (%s); it is named by its node id", node, reply.error.reason
-            )
-        else:
-            try:
-                claims[node] = validate.node_claim(reply.content)
-            except PayloadError as err:
-                log.warning("hello: node %d: %s; it is named by its node id", node, err)
-    granted, notes = validate.unique_labels(claims)
-    for note in notes:
-        log.warning("hello: %s", note)
-    labels.update(granted)
-    return labels
+    names = NodeNames()
+    names.learn(grid, node_ids, timeout)
+    return names
 
 
 def probe_heterogeneity(

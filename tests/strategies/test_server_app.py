@@ -52,7 +52,7 @@ def test_min_valid_replies_above_the_sample_is_an_error():
 
 def test_unanswered_hello_falls_back_to_node_ids_and_stable_order():
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
-    labels = discover_nodes(FakeGrid([30, 10, 20]), parse_config(), timeout=1.0)
+    labels = discover_nodes(FakeGrid([30, 10, 20]), parse_config(), timeout=1.0).labels
     assert labels == {30: "node-30", 10: "node-10", 20: "node-20"}
     grid = StableOrderGrid(FakeGrid([7, 5, 6]), {7: "partition-0", 6: "partition-10", 5: "partition-2"})
     assert grid.get_node_ids() == [7, 5, 6]
@@ -103,7 +103,7 @@ def test_malformed_or_duplicate_hello_claims_are_named_by_node_id():
         26: hello(-1, "../../etc"),
         27: None,  # no answer at all
     }
-    labels = discover_nodes(AnsweringGrid(answers), parse_config(), timeout=1.0)
+    labels = discover_nodes(AnsweringGrid(answers), parse_config(), timeout=1.0).labels
     good = {11: "partition-0", 20: "partition-1", 21: "node-edge-a"}
     assert labels == {n: good.get(n, f"node-{n}") for n in answers}
     assert len(set(labels.values())) == len(labels)
@@ -245,3 +245,52 @@ def test_resume_without_a_usable_checkpoint_keeps_the_old_results(tmp_path):
     assert f"theta has {theta.numel() - 1} parameters, the model has {theta.numel()}" in reasons
     assert "'totals' must hold the byte counters" in reasons and "round-000001.ckpt" in reasons
     assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_restarted_node_gets_its_label_back_and_its_statuses():
+    # Flower gives a restarted SuperNode a new node id; its claim on a label whose node has left is its return,
+    # so the statuses of the replies it sent before the restart reach it (else it would fold back applied ones).
+    from fl_compams import to_bytes
+    from fl_compams.config import build_algorithm
+    from fl_compams.flat import ParamSpec
+    from fl_compams.server import init_server_state
+    from strategies.comp_ams import CompAMS
+    from strategies.naming import NodeNames
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    grid = AnsweringGrid({5: hello(0), 6: hello(1)})
+    names = NodeNames()
+    names.learn(grid, grid.get_node_ids(), timeout=1.0)
+    assert names.labels == {5: "partition-0", 6: "partition-1"}
+    spec = ParamSpec(("w",), ((8,),), ("float32",), (True,))
+    cfg = parse_config({"topk-k": 2})
+    algorithm = build_algorithm(cfg, spec.block_sizes)
+    strategy = CompAMS(
+        cfg, spec, algorithm, init_server_state(torch.zeros(8), algorithm.server_opt), names=names
+    )
+    sent = list(strategy.configure_train(1, strategy.current_arrays(), ConfigRecord(), grid))
+    for i, m in enumerate(sent):  # what the Grid does when it sends them
+        m.metadata.__dict__["_message_id"] = f"instruction-{i}"
+    payload = to_bytes(algorithm.compressor.encode(torch.arange(8.0)))
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    protocol.PAYLOAD: ConfigRecord(
+                        {protocol.PAYLOAD_BYTES: payload, protocol.REPLY_ROUND: 1}
+                    ),
+                    protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 3, protocol.TRAIN_LOSS: 1.0}),
+                }
+            ),
+            reply_to=m,
+        )
+        for m in sent
+    ]
+    strategy.aggregate_train(1, replies)
+    restarted = AnsweringGrid({5: hello(0), 9: hello(1), 10: hello(1)})  # node 6 came back as 9; 10 copies it
+    messages = list(strategy.configure_train(2, strategy.current_arrays(), ConfigRecord(), restarted))
+    assert names.labels[9] == "partition-1" and names.labels[10] == "node-10"
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    statuses = protocol.statuses_from_fields(dict(by_node[9].content[protocol.STATUSES]))
+    assert [(s.round, int(s.outcome)) for s in statuses] == [(1, 1)]  # round 1 applied: commit, no fold-back
+    assert protocol.STATUSES not in by_node[10].content
