@@ -261,8 +261,8 @@ def _float32_array(array: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
             (2, 0): np.lib.format.read_array_header_2_0,
         }
         header_shape, fortran, dtype = read_header[version](buf)
-    except (KeyError, ValueError, OSError) as err:
-        raise PayloadError(f"{what}: malformed .npy data ({err})") from None
+    except Exception as err:  # numpy tokenizes and literal_evals the header: any of several error types
+        raise PayloadError(f"{what}: malformed .npy data ({type(err).__name__}: {err})") from None
     count = math.prod(shape)
     if header_shape != shape or dtype != np.dtype("<f4") or fortran:
         raise PayloadError(

@@ -145,6 +145,14 @@ def test_malformed_probe_replies_leave_that_node_out():
         8: probe_answer(g1, variance=math.inf),
         9: probe_answer(g1, variance=[1.0]),
         10: probe_answer(array=lying_array(25)),
+        13: probe_answer(
+            array=Array(
+                dtype="float32",
+                shape=(25,),
+                stype="numpy.ndarray",
+                data=b"\x93NUMPY\x01\x00\x10\x00{bad(((   }\n",
+            )
+        ),
         11: RecordDict({protocol.PROBE_GRADIENT: ArrayRecord({"other": Array(g1)})}),
         12: RecordDict(),
     }
