@@ -41,7 +41,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fl_compams import protocol
 from fl_compams.codec import from_bytes
 from fl_compams.errors import PayloadError
-from fl_compams.nodes import node_label
 from fl_compams.payloads import Payload
 from fl_compams.schema import PLAIN_NAME
 
@@ -56,7 +55,6 @@ __all__ = [
     "quote_names",
     "reply_metrics",
     "training_reply",
-    "unique_labels",
 ]
 
 #: Longest ``node-name`` a hello reply may claim.
@@ -295,26 +293,3 @@ def node_claim(content: RecordDict) -> tuple[int, str]:
             f"(letters, digits, '.', '_', '-', starting with a letter or digit, not all digits), got {_show(name)}"
         )
     return pid, name
-
-
-def unique_labels(claims: Mapping[int, tuple[int, str]]) -> tuple[dict[int, str], list[str]]:
-    """Labels for claimed names, granted in node id order: the first claim of a label wins.
-
-    Returns the labels and, for every node that lost a duplicate claim and is named by its node id instead, a
-    sentence saying so (for the log).
-    """
-    labels: dict[int, str] = {}
-    notes = []
-    owner: dict[str, int] = {}
-    for node in sorted(claims):
-        pid, name = claims[node]
-        label = node_label(pid, name, node)
-        if label in owner:
-            notes.append(
-                f"node {node} claims {label!r}, already claimed by node {owner[label]}; it is named "
-                f"'node-{node}'"
-            )
-            label = f"node-{node}"
-        owner[label] = node
-        labels[node] = label
-    return labels, notes
