@@ -143,9 +143,9 @@ _REST: tuple[Key, ...] = (
     ),
     key(
         "update-norm-action",
-        "clip",
+        "reject",
         choice(("clip", "reject")),
-        "what the bound does to a larger update: scale it down to the bound, or drop it",
+        "what the bound does to a larger update: drop it (as TFF's zeroing aggregators), or scale it to the bound",
         _S,
     ),
     # --- client training

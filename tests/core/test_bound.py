@@ -88,7 +88,9 @@ def test_one_reply_of_3e38_neither_breaks_the_state_nor_stops_learning():
     assert float((thetas[61] - thetas[11]).norm()) > 0.5 * float((honest[61] - honest[11]).norm())
     assert progress(thetas, minimum, 11, 61) > 0.5 * progress(honest, minimum, 11, 61) > 0  # still converging
     attacked = reports[10].statuses["partition-0"]
-    assert attacked.outcome == Outcome.APPLIED and 0 < attacked.factor < 1e-30  # clipped, and reported
+    assert (
+        attacked.outcome == Outcome.REJECTED and attacked.factor == 0.0
+    )  # dropped by the bound, and reported
 
 
 def test_one_reply_of_1e18_costs_a_few_honest_rounds_at_most():
@@ -177,9 +179,11 @@ def test_bound_keys_are_validated(overrides, match):
 
 
 def test_the_default_is_adaptive_and_the_paper_is_one_setting_away():
-    assert default_algorithm().bound == ReplyBound("adaptive", multiplier=10.0, window=10, action="clip")
+    assert default_algorithm().bound == ReplyBound("adaptive", multiplier=10.0, window=10, action="reject")
     assert default_config().server.update_norm_bound == "adaptive"
     off = default_algorithm(**{"update-norm-bound": "off"}).bound
     assert off.limit(((1.0,),), (1.0, 3e38)) == math.inf
-    fixed = default_algorithm(**{"update-norm-bound": "fixed", "max-update-norm": 2.0}).bound
+    fixed = default_algorithm(
+        **{"update-norm-bound": "fixed", "max-update-norm": 2.0, "update-norm-action": "clip"}
+    ).bound
     assert fixed.limit((), (1.0, 3e38)) == 2.0 and fixed.factor(8.0, 2.0) == 0.25

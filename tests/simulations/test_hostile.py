@@ -46,15 +46,12 @@ def test_a_hostile_node_neither_stops_nor_skews_the_run(tmp_path):
         1: "metric 'residual-norm' must be a finite number >= 0, got [1.0, 2.0] (list)",
         2: "metric 'train-loss' must be a finite number, got nan",
         3: "reply answers round {} (int), expected this round {}",
+        0: "exceeds the reply bound",  # the 1e30 payload is valid; the default adaptive bound drops it
     }
     for r in hostile[1:]:
         rnd = r["round"]
         row = r["clients"][attacker]  # the server's measurement, never the client's uplink-bytes = 1
         assert row["uplink_bytes"] > 1000
-        if rnd % 4 == 0:  # the 1e30 payload is valid: the default bound clips it to a harmless size
-            assert r["clients_ok"] == 10 and r["clients_clipped"] == 1 and not r["failures"], r
-            assert "failure" not in row and row["payload_bytes"] > 1000
-            continue
         assert r["clients_ok"] == 9 and set(r["failures"]) == {attacker} and r["clients_clipped"] == 0
         assert expected[rnd % 4].format(rnd - 1, rnd) in r["failures"][attacker], (rnd, r["failures"])
         assert set(row) == {"uplink_bytes", "failure"}
