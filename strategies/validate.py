@@ -49,6 +49,7 @@ __all__ = [
     "TRAIN_METRICS",
     "ReplyMetrics",
     "TrainingReply",
+    "check_node_name",
     "dense_model_reply",
     "node_claim",
     "probe_reply",
@@ -287,9 +288,14 @@ def node_claim(content: RecordDict) -> tuple[int, str]:
         )
     if not isinstance(name, str):
         raise PayloadError(f"{protocol.NODE_NAME!r} must be a string, got {_show(name)}")
+    check_node_name(name, protocol.NODE_NAME)
+    return pid, name
+
+
+def check_node_name(name: str, what: str) -> None:
+    """A node name is empty or plain: at most 64 letters, digits, '.', '_', '-', and not all digits."""
     if name and (len(name) > MAX_NODE_NAME or PLAIN_NAME.fullmatch(name) is None or name.isdigit()):
         raise PayloadError(
-            f"{protocol.NODE_NAME!r} must be empty or a plain name of at most {MAX_NODE_NAME} characters "
+            f"{what!r} must be empty or a plain name of at most {MAX_NODE_NAME} characters "
             f"(letters, digits, '.', '_', '-', starting with a letter or digit, not all digits), got {_show(name)}"
         )
-    return pid, name

@@ -302,3 +302,25 @@ def test_a_restarted_node_gets_its_label_back_and_its_statuses():
     statuses = protocol.statuses_from_fields(dict(by_node[9].content[protocol.STATUSES]))
     assert [(s.round, int(s.outcome)) for s in statuses] == [(1, 1)]  # round 1 applied: commit, no fold-back
     assert protocol.STATUSES not in by_node[10].content
+
+
+def test_registered_names_come_before_claims():
+    # With SuperNode authentication the SuperLink knows each node's registered name (tied to its key): that
+    # name labels the node and no claim is asked for; unregistered nodes (and invalid registered names) still
+    # answer the hello.
+    from types import SimpleNamespace
+
+    from strategies.naming import NodeNames
+
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+
+    class RegistryGrid(AnsweringGrid):
+        def get_nodes(self):
+            registered = {3: "edge-a", 4: "edge-a", 5: "../bad", 6: ""}
+            return [SimpleNamespace(node_id=n, name=registered.get(n, "")) for n in self.nodes]
+
+    grid = RegistryGrid({3: hello(0), 4: None, 5: hello(1), 6: hello(2)})
+    names = NodeNames()
+    names.learn(grid, grid.get_node_ids(), timeout=1.0)
+    assert names.labels == {3: "node-edge-a", 4: "node-4", 5: "partition-1", 6: "partition-2"}
+    assert grid.sent == 1  # one hello round, to the nodes without a valid registered name
