@@ -59,6 +59,8 @@ _LABELS = {
     "sigma_g2": r"measured $\sigma_g^2$",
     "sigma2": r"measured $\sigma^2$",
     "wall_s": "server wall time (s)",
+    "total_bytes_cum": "cumulative bytes, uplink + downlink",
+    "uploads_cum": "cumulative uploads (replies with a payload)",
 }
 
 

@@ -22,9 +22,12 @@ import numpy as np
 
 __all__ = [
     "SMOOTH_WINDOW",
+    "UPLOADS_COLUMN",
+    "add_cumulative_traffic",
     "add_smoothed",
     "at_budget",
     "column_mean",
+    "downlink_bytes_per_client",
     "finite",
     "first_reached",
     "pooled_mean",
@@ -80,6 +83,46 @@ def column_mean(seeds: Sequence[Rows], column: str, *, min_round: int = 0) -> fl
 def uplink_bytes_per_client(seeds: Sequence[Rows]) -> float | None:
     """Measured uplink bytes per client per round: ``uplink_bytes_per_client`` over all rounds >= 1."""
     return column_mean(seeds, "uplink_bytes_per_client", min_round=1)
+
+
+def downlink_bytes_per_client(seeds: Sequence[Rows]) -> float | None:
+    """Measured downlink bytes per contacted client per round: ``downlink_bytes / (clients_ok + clients_failed)``.
+
+    Every instruction sent counts, whether or not its reply came back (rounds >= 1 that sent something).
+    """
+    vals = []
+    for rows in seeds:
+        for r in rows:
+            down = finite(r.get("downlink_bytes"))
+            sent = (finite(r.get("clients_ok")) or 0) + (finite(r.get("clients_failed")) or 0)
+            if r["round"] > 0 and down is not None and sent:
+                vals.append(down / sent)
+    return pooled_mean(vals)
+
+
+#: Cumulative columns :func:`add_cumulative_traffic` adds: both directions' bytes, and the uploads so far.
+TOTAL_BYTES_COLUMN = "total_bytes_cum"
+UPLOADS_COLUMN = "uploads_cum"
+
+
+def add_cumulative_traffic(sweep: Mapping[str, Sequence[Sequence[dict]]]) -> tuple[str, str]:
+    """Store ``total_bytes_cum`` (uplink + downlink) and ``uploads_cum`` in every row; return their names.
+
+    An upload is a reply that carried a payload: ``clients_ok`` minus the replies that were skips
+    (``clients_skipped``, LAQ's lazy replies; 0 for algorithms that never skip).
+    """
+    for seeds in sweep.values():
+        for rows in seeds:
+            uploads = 0.0
+            for row in sorted_by_round(rows):
+                up, down = finite(row.get("uplink_bytes_cum")), finite(row.get("downlink_bytes_cum"))
+                row[TOTAL_BYTES_COLUMN] = None if up is None or down is None else up + down
+                if row["round"] > 0:
+                    uploads += (finite(row.get("clients_ok")) or 0) - (
+                        finite(row.get("clients_skipped")) or 0
+                    )
+                row[UPLOADS_COLUMN] = uploads
+    return TOTAL_BYTES_COLUMN, UPLOADS_COLUMN
 
 
 def theory_bytes_per_client(seeds: Sequence[Rows]) -> float | None:

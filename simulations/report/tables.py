@@ -14,7 +14,10 @@ from typing import Any
 from simulations.report.load import parse_key
 from simulations.report.stats import (
     SMOOTH_WINDOW,
+    TOTAL_BYTES_COLUMN,
+    UPLOADS_COLUMN,
     at_budget,
+    downlink_bytes_per_client,
     finite,
     first_reached,
     sample_mean_std,
@@ -96,6 +99,8 @@ def summarize(
         - ``uplink_bytes_per_client`` — measured uplink bytes per client per round, the mean of
           ``uplink_bytes_per_client`` over all rounds >= 1 of all seeds;
         - ``uplink_bytes_total_*`` — ``uplink_bytes_cum`` of the last round;
+        - ``downlink_bytes_per_client`` (see :func:`simulations.report.stats.downlink_bytes_per_client`) and
+          ``total_bytes_per_client`` (uplink + downlink per client per round);
         - ``theory_bytes_per_client`` — ``uplink_theory_bits / 8 / clients_ok`` averaged the same way
           (rounds with no successful client are left out);
         - ``reference`` (key of the baseline or ``None``), ``compression_ratio`` (baseline's
@@ -103,7 +108,9 @@ def summarize(
           ``theory_bytes_per_client``);
         - ``target_accuracy``, ``seeds_reached_accuracy``, ``rounds_to_accuracy_*`` (first round, possibly
           0, with ``accuracy >= target``) and ``bytes_to_accuracy_*`` (its ``uplink_bytes_cum``), means and
-          stds over the seeds that reached the target (``None`` if none did);
+          stds over the seeds that reached the target (``None`` if none did); when the rows carry the columns
+          of :func:`simulations.report.stats.add_cumulative_traffic`, also ``total_bytes_to_accuracy_*``
+          (uplink + downlink) and ``uploads_to_accuracy_*`` (replies that carried a payload);
         - ``target_train_loss``, ``seeds_reached_train_loss``, ``rounds_to_train_loss_*``,
           ``bytes_to_train_loss_*`` (same, with the smoothed training loss);
         - ``budget_bytes``, ``accuracy_at_budget_*`` and ``round_at_budget_mean`` (the last round whose
@@ -151,19 +158,35 @@ def summarize(
         put("final_train_loss_smooth", [s[-1][1] if s else None for s in smooth])
         row["uplink_bytes_per_client"] = per_client[key]
         put("uplink_bytes_total", last("uplink_bytes_cum"))
+        down = downlink_bytes_per_client(sweep[key])
+        row["downlink_bytes_per_client"] = down
+        row["total_bytes_per_client"] = (
+            None if down is None or per_client[key] is None else per_client[key] + down
+        )
         row["theory_bytes_per_client"] = theory[key]
         ref = _reference_key(key, keys, reference)
         row["reference"] = ref
         row["compression_ratio"] = _ratio(per_client.get(ref), per_client[key]) if ref else None
         row["compression_ratio_theory"] = _ratio(theory.get(ref), theory[key]) if ref else None
 
-        def to_target(name: str, target: float | None, hit_rows: list, row: dict[str, Any] = row) -> None:
+        has_totals = any(TOTAL_BYTES_COLUMN in rows[-1] for rows in seeds)
+
+        def to_target(
+            name: str,
+            target: float | None,
+            hit_rows: list,
+            row: dict[str, Any] = row,
+            totals: bool = has_totals,
+        ) -> None:
             # hit_rows: per seed, the first row at the target or None; means over the seeds that reached it
             row[f"target_{name}"] = target
             hits = [h for h in hit_rows if h is not None]
             row[f"seeds_reached_{name}"] = len(hits) if target is not None else None
             put(f"rounds_to_{name}", [float(h["round"]) for h in hits])
             put(f"bytes_to_{name}", [finite(h.get("uplink_bytes_cum")) for h in hits])
+            if totals:
+                put(f"total_bytes_to_{name}", [finite(h.get(TOTAL_BYTES_COLUMN)) for h in hits])
+                put(f"uploads_to_{name}", [finite(h.get(UPLOADS_COLUMN)) for h in hits])
 
         # Target accuracy.
         acc_hits = []

@@ -16,7 +16,7 @@ from typing import Any
 
 from simulations.report.load import load_sweep
 from simulations.report.plots import plot_curves, plot_xy
-from simulations.report.stats import SMOOTH_WINDOW, add_smoothed, column_mean
+from simulations.report.stats import SMOOTH_WINDOW, add_cumulative_traffic, add_smoothed, column_mean
 from simulations.report.tables import default_columns, mean_std, reached, summarize, to_markdown
 from simulations.sweep import load_preset
 
@@ -51,6 +51,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     source = meta.get("source", preset)
     sweep = load_sweep(Path(runs_root) / dataset / source)
     loss_smooth = add_smoothed(sweep, "train_loss")
+    total_bytes, uploads = add_cumulative_traffic(sweep)
     out = Path(out_root) / dataset / preset
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(
@@ -88,6 +89,23 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         )
     elif preset == "heterogeneity":
         lines += _heterogeneity(sweep, rows, out, plots)
+    elif preset == "seed-systems":
+        lines += _seed_systems(rows)
+        curve("Test accuracy per round", "accuracy_vs_round.png", "accuracy", f"{preset}: test accuracy")
+        curve(
+            "Test accuracy against cumulative bytes, both directions",
+            "accuracy_vs_total_bytes.png",
+            "accuracy",
+            f"{preset}: accuracy vs bytes sent up and down",
+            x=total_bytes,
+        )
+        curve(
+            "Test accuracy against cumulative uploads",
+            "accuracy_vs_uploads.png",
+            "accuracy",
+            f"{preset}: accuracy vs uploads",
+            x=uploads,
+        )
     elif preset == "equal-budget":
         budget = meta["budget-bytes"]
         lines += [
@@ -132,6 +150,37 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def _seed_systems(rows: list[dict]) -> list[str]:
+    """The seed systems side by side: bytes both ways, uploads, and what reaching the target cost."""
+    t = rows[0].get("target_accuracy") if rows else None
+    cols = [
+        ("method", "method", None),
+        ("n_seeds", "seeds", "d"),
+        ("final_accuracy", "final acc. (%)", mean_std(1, scale=100)),
+        ("uplink_bytes_per_client", "uplink B/client/round", ",.0f"),
+        ("theory_bytes_per_client", "uplink theory B/client/round", ",.0f"),
+        ("downlink_bytes_per_client", "downlink B/client/round", ",.0f"),
+        ("total_bytes_per_client", "total B/client/round", ",.0f"),
+    ]
+    if t is not None:
+        cols += [
+            ("rounds_to_accuracy", f"rounds to {100 * t:g}%", reached("seeds_reached_accuracy", 1)),
+            ("uploads_to_accuracy", f"uploads to {100 * t:g}%", reached("seeds_reached_accuracy", 0)),
+            (
+                "total_bytes_to_accuracy",
+                f"bytes up + down to {100 * t:g}%",
+                reached("seeds_reached_accuracy", as_bytes=True),
+            ),
+        ]
+    return [
+        "Bytes are measured (the serialised messages Flower sends), per contacted client per round; the uplink "
+        "theory column is the payload's size by the bit formulas of algorithms.md section 8. An upload is a "
+        "reply that carried a payload (LAQ's skips are replies too, of a few bytes, but not uploads).",
+        "",
+        to_markdown(rows, cols),
+    ]
 
 
 def _speedup(rows: list[dict], meta: dict) -> list[str]:

@@ -39,6 +39,7 @@ def make_rows(acc, per_client, *, train_loss=None, clients_ok=None, theory_bits_
             "train_loss": train_loss[r - 1] if ok else None,
             "uplink_bytes": up,
             "uplink_bytes_cum": cum,
+            "downlink_bytes": 10,
             "downlink_bytes_cum": 10 * r,
             "uplink_theory_bits": float((theory[r - 1] or 0) * ok),
             "clients_ok": ok,

@@ -6,8 +6,10 @@ from report_rows import make_rows
 
 from simulations.report.stats import (
     SMOOTH_WINDOW,
+    add_cumulative_traffic,
     add_smoothed,
     at_budget,
+    downlink_bytes_per_client,
     first_reached,
     sample_mean_std,
     series_on_grid,
@@ -85,3 +87,14 @@ def test_first_reached_and_at_budget():
     assert at_budget(rows, 25)["round"] == 1
     assert at_budget(rows, 0)["round"] == 0
     assert at_budget(rows[1:], 5) is None
+
+
+def test_cumulative_traffic_counts_both_directions_and_uploads_without_skips():
+    rows = make_rows([0.1, 0.5, 0.9], [100, 300], clients_ok=[2, 1])
+    rows[1]["clients_skipped"] = 1  # one of round 1's two replies was a skip (LAQ)
+    sweep = {"m": [rows]}
+    total, uploads = add_cumulative_traffic(sweep)
+    assert [r[total] for r in rows] == [0, 200 + 10, 200 + 300 + 20]
+    assert [r[uploads] for r in rows] == [0, 1, 2]
+    # every instruction sent counts in the downlink per client: 10 bytes to the 2 clients of each round
+    assert downlink_bytes_per_client([rows]) == 5.0

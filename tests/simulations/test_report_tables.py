@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from report_rows import make_rows
 
-from simulations.report.stats import SMOOTH_WINDOW, smoothed
+from simulations.report.stats import SMOOTH_WINDOW, add_cumulative_traffic, smoothed
 from simulations.report.tables import (
     default_columns,
     fmt_bytes,
@@ -175,3 +175,15 @@ def test_default_columns_render_summary(sweep):
     assert f"train loss (last {SMOOTH_WINDOW})" in lines[0]
     plain = default_columns(summarize({"m": sweep["topk-0.01-ef"]}))
     assert [c[0] for c in plain][-1] == "uplink_bytes_total"
+
+
+def test_summarize_totals_both_ways_and_uploads_to_target():
+    rows = make_rows([0.1, 0.5, 0.9], [100, 300], clients_ok=[2, 2])
+    rows[1]["clients_skipped"] = 1
+    sweep = {"m": [rows]}
+    add_cumulative_traffic(sweep)
+    (row,) = summarize(sweep, target_accuracy=0.9)
+    assert row["downlink_bytes_per_client"] == 5.0
+    assert row["total_bytes_per_client"] == 200.0 + 5.0
+    assert row["total_bytes_to_accuracy_mean"] == 800 + 20
+    assert row["uploads_to_accuracy_mean"] == 3  # 4 replies, one of them a skip
