@@ -60,7 +60,16 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
-MODELS = ("auto", "digits-cnn", "mnist1d-cnn", "mnist-cnn", "cifar-cnn", "logreg")
+MODELS = (
+    "auto",
+    "digits-cnn",
+    "mnist1d-cnn",
+    "mnist1d-mlp",
+    "transformer",
+    "mnist-cnn",
+    "cifar-cnn",
+    "logreg",
+)
 #: The mnist1d package's default ``num_samples`` (its ``get_dataset_args()``; a test keeps the two equal).
 MNIST1D_DEFAULT_SAMPLES = 5000
 PARTITIONERS = ("dirichlet", "iid", "full")  # tasks.partition implements them

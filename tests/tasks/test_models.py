@@ -9,6 +9,8 @@ from tasks.models import available_models, build_model, count_parameters, defaul
 NATIVE_SHAPES = {
     "digits-cnn": (1, 8, 8),
     "mnist1d-cnn": (1, 40),
+    "mnist1d-mlp": (1, 40),
+    "transformer": (1, 40),
     "mnist-cnn": (1, 28, 28),
     "cifar-cnn": (3, 32, 32),
     "logreg": (1, 8, 8),
@@ -48,6 +50,10 @@ def test_parameter_counts():
     # ConvBase of the MNIST-1D repository: conv 1->25 k5 (150), 25->25 k3 (1,900) twice, fc 125 -> 10 (1,260)
     assert count_parameters(build_model("mnist1d-cnn", 10, (1, 40))) == 5_210
     assert count_parameters(build_model("logreg", 10, (1, 40))) == 410
+    # MLP 40 -> 256 -> 256 -> 10: 10,496 + 65,792 + 2,570; Top-k 1 % keeps 789 values
+    assert count_parameters(build_model("mnist1d-mlp", 10, (1, 40))) == 78_858
+    # patch embedding 4 -> 32 (160) + positions 10 x 32 (320) + 2 layers x 8,544 + norm (64) + head (330)
+    assert count_parameters(build_model("transformer", 10, (1, 40))) == 17_962
 
 
 def test_shapes_adapt_where_meaningful():
@@ -58,6 +64,37 @@ def test_shapes_adapt_where_meaningful():
     assert build_model("mnist1d-cnn", 3, (2, 100))(torch.zeros(2, 2, 100)).shape == (2, 3)
     assert build_model("mnist1d-cnn", 10, (1, 3))(torch.zeros(2, 1, 3)).shape == (2, 10)
     assert build_model("logreg", 10, (1, 40))(torch.zeros(2, 1, 40)).shape == (2, 10)
+    # a length that is not a multiple of the patch size is padded; channels join the patch
+    assert build_model("transformer", 3, (2, 37))(torch.zeros(2, 2, 37)).shape == (2, 3)
+    assert build_model("mnist1d-mlp", 4, (2, 10))(torch.zeros(2, 2, 10)).shape == (2, 4)
+
+
+def test_transformer_attends_across_positions():
+    """The logits depend on every patch: a change confined to the last patch moves the prediction."""
+    model = build_model("transformer", 10, (1, 40), seed=0).eval()
+    x = torch.randn(4, 1, 40, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[..., 36:] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(y))
+
+
+@pytest.mark.parametrize("name", ["mnist1d-mlp", "transformer"])
+def test_new_mnist1d_models_fit_a_small_batch(name):
+    """Sanity of the whole parameter vector: 150 Adam steps memorise 64 random signals (loss falls 5x)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 40, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    model = build_model(name, 10, (1, 40), seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)  # dropout masks
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5
 
 
 def test_mnist1d_cnn_is_the_repositorys_convbase():
