@@ -34,7 +34,7 @@ def _setup(msg: Message, context: Context):
     """Config, device, this node's data and the received model, from the message and the node config."""
     record = msg.content[protocol.CONFIG]
     cfg = parse_config({k: record[k] for k in protocol.CLIENT_KEYS if k in record})
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, deterministic=cfg.train.deterministic)
     input_shape, num_classes = task_shape(cfg.data)
     data = node_data(cfg.data, context.node_config, cfg.seed, device, input_shape, num_classes)
     # pid seeds this node's randomness: its partition id if it has one

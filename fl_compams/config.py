@@ -173,6 +173,12 @@ _REST: tuple[Key, ...] = (
     key("client-bias-correction", False, BOOL, "QAdam: bias-correct the local Adam moments"),
     key("batch-size", 32, POS_INT, "local minibatch size"),
     key("device", "auto", choice(DEVICES), "where clients and server compute; auto = cuda if available"),
+    key(
+        "deterministic",
+        True,
+        BOOL,
+        "on CUDA, use torch's deterministic kernels so a seeded run repeats (false trades that for speed)",
+    ),
     # --- data
     key(
         "dataset",
@@ -319,6 +325,7 @@ class TrainConfig:
     client_bias_correction: bool
     batch_size: int
     device: str
+    deterministic: bool
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def run_server(
     if not cfg.output.resume:
         check_fresh(run_dir)  # never overwrite an earlier run's results; refuse before any message
     timeout = cfg.server.round_timeout
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, deterministic=cfg.train.deterministic)
     bundle = load_data(cfg.data, seed=cfg.seed)
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)

@@ -17,6 +17,7 @@ flwr-datasets, about 3 s per deployment ClientApp process) are imported only whe
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -140,10 +141,24 @@ def model_for_task(data: DataConfig, seed: int) -> torch.nn.Module:
     return build_model(name, num_classes, input_shape, seed=seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error that says so."""
+def resolve_device(name: str, *, deterministic: bool = True) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error that says so.
+
+    On CUDA with ``deterministic`` (the ``deterministic`` config key, on by default), torch is switched to its
+    deterministic kernels (``torch.use_deterministic_algorithms``; e.g. ``index_add_`` and convolution
+    backward otherwise use float atomics whose order varies, so two runs with one seed drift apart within a
+    few rounds) and cuDNN autotuning is off. An op without a deterministic kernel warns instead of failing:
+    such a run may not repeat exactly. The switch is process-wide, which is what a node or a Ray worker
+    running one run's clients wants. ``deterministic = false`` restores torch's default, faster kernels.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device = 'cuda' but no CUDA device is available; use device = 'auto' or 'cpu'")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        # cuBLAS needs a fixed workspace to be deterministic; read when its first handle is created
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not deterministic
+    return device

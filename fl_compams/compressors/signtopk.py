@@ -30,7 +30,7 @@ from fl_compams.compressors.base import (
     signed,
 )
 from fl_compams.errors import PayloadError
-from fl_compams.kernels import topk_indices
+from fl_compams.kernels import l1_mean, topk_indices
 from fl_compams.schema import Key
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class SignTopK(Compressor):
         k = resolve_k(self.k, self.ratio, x.numel())
         idx = topk_indices(x, k)
         kept = x[idx]
-        scale = torch.linalg.vector_norm(kept, 1) / k
+        scale = l1_mean(kept)
         return SignSparsePayload(x.numel(), idx, scale, pack_bits(kept >= 0), self.index_coding)
 
     def theory_bits(self, dim: int) -> float:
