@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -71,6 +71,16 @@ SHARED_KEYS: tuple[Key, ...] = (TOPK_RATIO, TOPK_K, VALUE_DTYPE, INDEX_CODING)
 
 
 # -------------------------------------------------------------------------------------------- base classes
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 class Payload:
     """Base of the typed payloads: what a client sends, as tensors, before the codec turns it into bytes.
 
@@ -95,12 +105,28 @@ class Payload:
         """``out += weight * decode(self)``, in place."""
         out.add_(self.decode().to(out.dtype), alpha=weight)
 
+    @classmethod
+    def add_all_to(cls, out: torch.Tensor, payloads: Sequence[Payload], weights: Sequence[float]) -> None:
+        """``out += sum_i weights[i] * decode(payloads[i])`` for payloads of this class, in order.
+
+        One payload at a time here; a class whose payloads can be added in one kernel overrides it (the
+        server's aggregation calls it once per payload class).
+        """
+        for payload, w in zip(payloads, weights, strict=True):
+            payload.add_to(out, w)
+
     def norm(self) -> float:
         """l2 norm of the decoded vector."""
         return float(torch.linalg.vector_norm(self.decode()))
 
     def to(self, device: torch.device | str) -> Payload:
-        """Copy of the payload with every tensor on another device."""
+        """The payload with every tensor on ``device`` (itself when they already are: no copy)."""
+        device = torch.device(device)
+        tensors = [
+            v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)
+        ]  # type: ignore[arg-type]
+        if all(_same_device(t.device, device) for t in tensors):
+            return self
         moved = {
             f.name: v.to(device)
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
