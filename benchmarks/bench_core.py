@@ -1,6 +1,6 @@
 """Throughput of the COMP-AMS core: encode, decode, EF step, codec and server aggregation vs. a plain copy.
 
-For every dimension d and compressor this times, on the CPU (float32 vectors):
+For every dimension d and compressor this times, on the CPU or with ``--device cuda`` on a GPU (float32 vectors):
 
 * ``encode``    ``c.encode(x)``
 * ``decode``    ``c.decode(payload)``
@@ -18,7 +18,11 @@ sorted=False)``) for exact Top-k 1%, ``torch.zeros(d)`` (the accumulator ``weigh
 Top-k sum into a reused accumulator. Medians are the verdict; the fastest repetition is printed as a noise check,
 and so is the CPU that other processes used during the run (torch's 2-thread ops stall on a busy 2-core machine).
 
-Run ``python benchmarks/bench_core.py`` (all four sizes) or ``--quick`` (1e5 and 1e6, a smoke run).
+Run ``python benchmarks/bench_core.py`` (all four sizes) or ``--quick`` (1e5 and 1e6, a smoke run). On a GPU
+(``--device cuda``) every input, payload and accumulator lives on the device (the codec's rows include the host
+copies they need), each timed sample is bracketed by ``torch.cuda.synchronize()``, and the targets are the GPU
+ones: at d >= 1e7 every encode, decode and 10-payload aggregation >= 10% of the device copy, and the Top-k
+encode within 1.5x of ``torch.topk``.
 """
 
 from __future__ import annotations
@@ -61,7 +65,19 @@ TARGETS = {
     ("topk-1% int32+f32", "aggregate"): 0.20,
     ("topk-1% varint+f16", "aggregate"): 0.20,
 }
+#: On a GPU, from d = 1e7 on: each of these ops >= 10% of the device copy, for every compressor.
+CUDA_TARGET_OPS, CUDA_TARGET, CUDA_TARGET_MIN_D = ("encode", "decode", "aggregate"), 0.10, 10_000_000
+#: Exact Top-k encode against torch.topk on a GPU: at most this many times slower.
+CUDA_TOPK_FACTOR = 1.5
 OPS = ("encode", "decode", "ef_step", "to_bytes", "from_bytes", "aggregate")
+
+
+def target_for(label: str, op: str, d: int, device: str) -> float | None:
+    """Minimum ``t_copy / t_op`` for this case on this device, or None."""
+    if device == "cuda":
+        known = label in compressors_for(1_000_000)
+        return CUDA_TARGET if known and op in CUDA_TARGET_OPS and d >= CUDA_TARGET_MIN_D else None
+    return TARGETS.get((label, op))
 
 
 def block_sizes_for(d: int) -> tuple[int, ...]:
@@ -95,11 +111,15 @@ class Case:
     inner: int = 1
     samples: list[float] | None = None
 
+    sync: Callable[[], None] = lambda: None  # torch.cuda.synchronize on a GPU
+
     def calibrate(self) -> None:
         """Warm up and choose how many calls one sample holds."""
         self.fn()  # first call: lazy initialisation, page faults of first-touch buffers
+        self.sync()
         t0 = time.perf_counter()
         self.fn()
+        self.sync()
         one = time.perf_counter() - t0
         self.inner = max(1, min(MAX_INNER, math.ceil(MIN_SAMPLE_S / max(one, 1e-9))))
         self.samples = []
@@ -107,9 +127,11 @@ class Case:
     def sample(self) -> None:
         """Time ``inner`` calls; record the mean time per call."""
         fn = self.fn
+        self.sync()
         t0 = time.perf_counter()
         for _ in range(self.inner):
             fn()
+        self.sync()
         self.samples.append((time.perf_counter() - t0) / self.inner)
 
     @property
@@ -117,11 +139,11 @@ class Case:
         return statistics.median(self.samples)
 
 
-def build_cases(d: int, seed: int) -> list[Case]:
+def build_cases(d: int, seed: int, device: str = "cpu") -> list[Case]:
     """All timed calls for dimension d (inputs prepared here, outside the timings)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(d, generator=gen)
-    residual = 0.1 * torch.randn(d, generator=gen)
+    x = torch.randn(d, generator=gen).to(device)
+    residual = (0.1 * torch.randn(d, generator=gen)).to(device)
     dst = torch.empty_like(x)
     dst.copy_(x)
     weights = aggregation_weights("uniform", [1] * N_CLIENTS)
@@ -131,7 +153,7 @@ def build_cases(d: int, seed: int) -> list[Case]:
         Case("copy", "copy", lambda: dst.copy_(x)),
         Case("torch.topk", "encode", lambda: torch.topk(x.abs(), k, sorted=False)),
         # what weighted_mean allocates for its accumulator (a fresh d-sized torch tensor)
-        Case("torch.zeros", "alloc", lambda: torch.zeros(d)),
+        Case("torch.zeros", "alloc", lambda: torch.zeros(d, device=device)),
     ]
     for label, comp in compressors_for(d).items():
         payload = comp.encode(x)
@@ -140,7 +162,7 @@ def build_cases(d: int, seed: int) -> list[Case]:
         client_payloads = []
         for i in range(N_CLIENTS):
             xi = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1 + i))
-            client_payloads.append(from_bytes(to_bytes(comp.encode(xi)), d))
+            client_payloads.append(from_bytes(to_bytes(comp.encode(xi)), d).to(device))
             del xi
         cases += [
             Case(label, "encode", lambda c=comp: c.encode(x)),
@@ -148,12 +170,12 @@ def build_cases(d: int, seed: int) -> list[Case]:
             Case(label, "ef_step", lambda c=comp: ef_step(c, x, residual)),
             Case(label, "to_bytes", lambda p=payload: to_bytes(p)),
             Case(label, "from_bytes", lambda b=data: from_bytes(b, d)),
-            Case(label, "aggregate", lambda ps=client_payloads: weighted_mean(ps, weights, d)),
+            Case(label, "aggregate", lambda ps=client_payloads: weighted_mean(ps, weights, d, device=device)),
         ]
         if label == "topk-1% int32+f32":
             # Reference, not library code: the same sum into an accumulator allocated once and reused
             # (zero_() each time), which separates weighted_mean's allocation of a fresh d-sized tensor.
-            acc = torch.zeros(d)
+            acc = torch.zeros(d, device=device)
             cases.append(
                 Case(
                     "ref: reused accumulator",
@@ -171,10 +193,12 @@ def _accumulate(payloads, weights, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def run_dim(d: int, repeats: int, seed: int) -> list[dict]:
+def run_dim(d: int, repeats: int, seed: int, device: str = "cpu") -> list[dict]:
     """Time every case for dimension d with interleaved repetitions; return one row per case."""
-    cases = build_cases(d, seed)
+    cases = build_cases(d, seed, device)
     for case in cases:
+        if device == "cuda":
+            case.sync = torch.cuda.synchronize
         case.calibrate()
     gc.collect()
     gc.disable()
@@ -191,7 +215,7 @@ def run_dim(d: int, repeats: int, seed: int) -> list[dict]:
     rows = []
     for case in cases:
         t = case.median
-        target = TARGETS.get((case.label, case.op))
+        target = target_for(case.label, case.op, d, device)
         ratio = t_copy / t
         rows.append(
             {
@@ -209,6 +233,22 @@ def run_dim(d: int, repeats: int, seed: int) -> list[dict]:
                 "spread": (max(case.samples) - min(case.samples)) / t,
             }
         )
+    if device == "cuda" and d >= CUDA_TARGET_MIN_D:
+        by = {(r["label"], r["op"]): r for r in rows}
+        ref = by[("torch.topk", "encode")]
+        for label in [r["label"] for r in rows if r["label"].startswith("topk") and r["op"] == "encode"]:
+            r = by[(label, "encode")]
+            factor = r["ms"] / ref["ms"]
+            rows.append(
+                {
+                    **r,
+                    "op": "encode vs torch.topk",
+                    "ratio": ref["ms"] / r["ms"],
+                    "ratio_min": ref["min_ms"] / r["min_ms"],
+                    "target": 1 / CUDA_TOPK_FACTOR,
+                    "ok": factor <= CUDA_TOPK_FACTOR,
+                }
+            )
     del cases
     gc.collect()
     return rows
@@ -349,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed samples per case (median)")
     parser.add_argument("--quick", action="store_true", help="smoke run: only d = 1e5 and 1e6")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the vectors live")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     if args.quick and args.dims:
         parser.error("--quick and --dims are exclusive")
     dims = QUICK_DIMS if args.quick else parse_dims(args.dims) if args.dims else DEFAULT_DIMS
@@ -364,13 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     print("## Machine\n")
     print("\n".join(machine_info()))
     print(f"\nCommand: `python {' '.join([os.path.relpath(sys.argv[0]), *(argv or sys.argv[1:])])}`")
+    if args.device == "cuda":
+        print(f"- GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     print(
-        f"dims {[fmt_d(d) for d in dims]}, {args.repeats} interleaved repetitions (median), seed {args.seed}\n"
+        f"dims {[fmt_d(d) for d in dims]}, {args.repeats} interleaved repetitions (median), seed {args.seed}, "
+        f"device {args.device}\n"
     )
     rows: list[dict] = []
     for d in dims:
         t0 = time.perf_counter()
-        rows += run_dim(d, args.repeats, args.seed)
+        rows += run_dim(d, args.repeats, args.seed, args.device)
         print(f"d={fmt_d(d)} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     print(

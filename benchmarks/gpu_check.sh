@@ -14,7 +14,8 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, flwr, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'flwr', flwr.__version__, 'ray', ray.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/core tests/clients tests/strategies 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
+python3 -m pytest -q -p no:cacheprovider tests/core tests/clients tests/strategies tests/tasks 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
+python3 benchmarks/bench_core.py --device cuda --dims 1e7 2.5e7 --repeats 5 > "$OUT/bench-core-cuda.md" 2>&1; tail -3 "$OUT/bench-core-cuda.md"
 PYTHONUNBUFFERED=1 python3 - <<'PY' 2>&1 | tee "$OUT/sim-gpu.log" | grep -v -E "WARNING|INFO|^\s*$" | tail -20
 import json, os, time
 from simulations.runner import run_experiment
