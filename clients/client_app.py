@@ -59,13 +59,15 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(
             "models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet"
         )
-    update, loss = _local_update(cfg, device, pid, server_round, x, y, model)
+    algorithm = None if cfg.algorithm in FLOWER_BASELINES else build_algorithm(cfg, spec.block_sizes)
+    qsparse = algorithm.qsparse if algorithm is not None else None
+    steps = qsparse.period(pid) if qsparse is not None else cfg.train.local_steps  # Qsparse's H_r
+    update, loss = _local_update(cfg, device, pid, server_round, x, y, model, steps)
     metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
-    if cfg.algorithm in FLOWER_BASELINES:  # Flower's own FedAvg / FedAdam: reply with the trained dense model
+    if algorithm is None:  # Flower's own FedAvg / FedAdam: reply with the trained dense model
         theta0 = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
         lr_steps = cfg.train.local_lr * cfg.train.local_steps
         return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
-    algorithm = build_algorithm(cfg, spec.block_sizes)
     # node config state-dir: a restarted SuperNode, or the first round of a resumed run
     state_io.restore_from_disk(context, spec.dim, server_round=server_round)
     worker = state_io.load_worker_state(context.state, spec.dim, device)
@@ -73,7 +75,12 @@ def train(msg: Message, context: Context) -> Message:
     worker, begun = worker_begin(algorithm, worker, instruction, dim=spec.dim, device=device)
     residual_in = float(worker.residual.norm()) if worker.residual is not None else 0.0
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
-    reply, worker = worker_end(algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked)
+    if qsparse is not None:  # the work this reply carries (asynchronous: that of the last contact)
+        sent, age = qsparse.age(worker.local_change, update.shape, round=server_round, steps=steps)
+        metrics |= {protocol.WORK_STEPS: sent, protocol.STALENESS: age}
+    reply, worker = worker_end(
+        algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked, steps=steps
+    )
     state_io.save_worker_state(context.state, worker)
     state_io.save_to_disk(context, spec.dim, server_round=server_round)
     metrics |= {
@@ -95,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     )
 
 
-def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x, y, model):
+def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x, y, model, steps: int):
     """The one local-training loop, with this node's seeded minibatches and dropout masks."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
@@ -103,7 +110,7 @@ def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x,
             model,
             x,
             y,
-            steps=cfg.train.local_steps,
+            steps=steps,
             lr=cfg.train.local_lr,
             batch_size=cfg.train.batch_size,
             generator=_generator(cfg, pid, server_round, 0),

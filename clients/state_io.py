@@ -1,7 +1,8 @@
 """Client state in Flower's ``context.state``: the worker state of the algorithm layer, slot by slot.
 
 Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
-arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``) and the rounds counter.
+arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``), asynchronous Qsparse's
+unsent local work (``qsparse``: the change, its round and steps) and the rounds counter.
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -28,6 +29,7 @@ from clients import persist
 from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdamState
+from fl_compams.qsparse import LocalChange
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ RESIDUAL_RECORD = "ef"
 RESIDUAL_KEY = "residual"
 PENDING_RECORD = "pending"
 ADAM_RECORD = "qadam"
+LOCAL_CHANGE_RECORD = "qsparse"
 COUNTERS_RECORD = "counters"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
@@ -67,14 +70,24 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
         if m.shape == (dim,) and v.shape == (dim,):
             step = int(rec["step"].numpy()[0])
             local = LocalAdamState(step, _tensor(m, np.float32, device), _tensor(v, np.float32, device))
+    change = None
+    if LOCAL_CHANGE_RECORD in state:
+        rec = state[LOCAL_CHANGE_RECORD]
+        arr = rec["change"].numpy()
+        if arr.shape == (dim,):
+            change = LocalChange(
+                int(rec["round"].numpy()[0]), int(rec["steps"].numpy()[0]), _tensor(arr, np.float32, device)
+            )
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
-    return WorkerState(residual=residual, pending=pending, local_opt=local, rounds=rounds)
+    return WorkerState(
+        residual=residual, pending=pending, local_opt=local, rounds=rounds, local_change=change
+    )
 
 
 def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
-    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD):
+    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD, LOCAL_CHANGE_RECORD):
         if record in state:
             del state[record]
     if worker.residual is not None:
@@ -94,6 +107,14 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
                 "step": Array(np.array([worker.local_opt.step], dtype=np.int64)),
             }
         )
+    if worker.local_change is not None:
+        state[LOCAL_CHANGE_RECORD] = ArrayRecord(
+            {
+                "change": as_array(worker.local_change.change),
+                "round": Array(np.array([worker.local_change.round], dtype=np.int64)),
+                "steps": Array(np.array([worker.local_change.steps], dtype=np.int64)),
+            }
+        )
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
@@ -105,6 +126,9 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
         else 0,
         "pending": len(worker.pending.payload) if worker.pending is not None else 0,
         "local_opt": 0,
+        "local_change": worker.local_change.change.numel() * worker.local_change.change.element_size()
+        if worker.local_change is not None
+        else 0,
     }
     if worker.local_opt is not None:
         sizes["local_opt"] = sum(

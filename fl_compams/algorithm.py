@@ -39,6 +39,7 @@ from fl_compams.compressors import Compressor
 from fl_compams.error_feedback import ef_step
 from fl_compams.nodes import label_sort_key
 from fl_compams.payloads import Payload
+from fl_compams.qsparse import LocalChange, Qsparse
 from fl_compams.server import ServerState, apply_round
 from fl_compams.server_opt import ServerOptimizer
 
@@ -117,6 +118,8 @@ class WorkerState(NamedTuple):
     local_opt: LocalAdamState | None = None
     #: Rounds this worker has trained.
     rounds: int = 0
+    #: Asynchronous Qsparse-local-SGD: local work not sent yet (model units), see :mod:`fl_compams.qsparse`.
+    local_change: LocalChange | None = None
 
 
 class BeginReport(NamedTuple):
@@ -250,7 +253,8 @@ class Algorithm:
 
     ``local_opt`` transforms the local update before compression (QAdam's local Adam); ``compressor`` with
     ``error_feedback`` is the uplink; ``bound``, ``weighting`` and ``min_valid_replies`` shape the aggregate;
-    ``server_opt`` steps the global model with the mean of the decoded replies.
+    ``server_opt`` steps the global model with the mean of the decoded replies. ``qsparse`` (Qsparse-local-SGD)
+    compresses the net local change in model units, now (synchronous) or at the next contact (asynchronous).
     """
 
     name: str
@@ -261,6 +265,7 @@ class Algorithm:
     weighting: str = "uniform"
     bound: ReplyBound = ReplyBound()
     min_valid_replies: int = 1
+    qsparse: Qsparse | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -283,6 +288,15 @@ ALGORITHMS: dict[str, Mapping[str, Any]] = {
     # Flower's own FedAvg / FedAdam on dense models (run by Flower's strategies, not by server_step).
     "flower-fedavg": {"compressor": "identity", "client-opt": "none"},
     "flower-fedadam": {"compressor": "identity", "client-opt": "none"},
+    # Qsparse-local-SGD (Basu et al.): H local SGD steps, QComp (the compressor) of memory + net local change in
+    # model units, the server applies the mean (sgd, lr 1); qsparse-async = true: the asynchronous variant.
+    "qsparse": {
+        "server-opt": "sgd",
+        "server-lr": 1.0,
+        "server-momentum": 0.0,
+        "error-feedback": True,
+        "client-opt": "none",
+    },
 }
 #: Compositions that Flower's own strategies run (dense models, no server_step).
 FLOWER_BASELINES = ("flower-fedavg", "flower-fedadam")
@@ -337,13 +351,22 @@ def worker_end(
     round: int,
     rng: torch.Generator | None = None,
     acked: int = -1,
+    steps: int | None = None,
 ) -> tuple[WorkerReply, WorkerState]:
     """Compress the local update with error feedback and remember the reply until its status arrives.
 
     ``x = local_opt(u)`` (u itself without a local optimizer); ``payload = C(x + e)``;
     ``e' = x + e - C(x + e)`` (Li et al., Algorithm 2, lines 5-6); with EF off, ``payload = C(x)`` and no memory.
+    Qsparse: x is the net local change ``eta steps u`` (``steps`` local SGD steps behind u; default H), or,
+    asynchronously, the one kept from the last contact (:meth:`fl_compams.qsparse.Qsparse.work`).
     """
     x = update
+    kept = state.local_change
+    if algorithm.qsparse is not None:
+        work = algorithm.qsparse.work(
+            kept, update, round=round, steps=algorithm.qsparse.steps if steps is None else steps
+        )
+        x, kept = work.send, work.keep
     local = state.local_opt
     if algorithm.local_opt is not None:
         if local is None or local.m.shape != update.shape:
@@ -355,7 +378,9 @@ def worker_end(
     payload, residual = ef_step(algorithm.compressor, x, residual if algorithm.error_feedback else None, rng)
     data = to_bytes(payload)
     pending = Pending(round, data) if residual is not None else None
-    new_state = WorkerState(residual=residual, pending=pending, local_opt=local, rounds=state.rounds + 1)
+    new_state = state._replace(
+        residual=residual, pending=pending, local_opt=local, rounds=state.rounds + 1, local_change=kept
+    )
     return WorkerReply(round, data, acked), new_state
 
 

@@ -25,6 +25,7 @@ from fl_compams.algorithm import BOUND_MODES, Algorithm, ReplyBound
 from fl_compams.client_opt import LocalAdam
 from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
 from fl_compams.errors import ConfigError
+from fl_compams.qsparse import Qsparse, check_compressor, parse_periods
 from fl_compams.schema import (
     ANY_STR,
     BETA,
@@ -78,6 +79,15 @@ ALGORITHMS = tuple(COMPOSITIONS)  # fl_compams.algorithm.ALGORITHMS: the one reg
 
 
 _S = "server"  # side of the keys only the server reads; the others are client keys (Key's default)
+
+
+def _periods_ok(value: str) -> bool:
+    try:
+        parse_periods(value)
+    except ConfigError:
+        return False
+    return True
+
 
 # General keys before the compression keys (federation) and after them; ``schema()`` puts them together.
 _FEDERATION: tuple[Key, ...] = (
@@ -172,6 +182,21 @@ _REST: tuple[Key, ...] = (
     key("client-eps-inside-sqrt", False, BOOL, "QAdam: sqrt(v + eps) instead of sqrt(v) + eps"),
     key("client-bias-correction", False, BOOL, "QAdam: bias-correct the local Adam moments"),
     key("batch-size", 32, POS_INT, "local minibatch size"),
+    # --- Qsparse-local-SGD (algorithm = "qsparse"; H = local-steps, eta = local-lr, QComp = compressor)
+    key(
+        "qsparse-async",
+        False,
+        BOOL,
+        "qsparse: asynchronous variant (a client sends the work it did since its last contact, from the model "
+        "it received then)",
+    ),
+    key(
+        "qsparse-periods",
+        "",
+        (_periods_ok, "'', 'uniform' or a comma-separated list of integers >= 1"),
+        "qsparse-async: local steps per client; empty = local-steps for all, uniform = drawn in "
+        "[1, local-steps] per client from the seed, or one per partition id (e.g. '1,2,4,8')",
+    ),
     key("device", "auto", choice(DEVICES), "where clients and server compute; auto = cuda if available"),
     key(
         "deterministic",
@@ -326,6 +351,8 @@ class TrainConfig:
     batch_size: int
     device: str
     deterministic: bool
+    qsparse_async: bool
+    qsparse_periods: str
 
 
 @dataclass(frozen=True)
@@ -463,9 +490,41 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
             f"config key 'max-update-norm': {max_norm!r} is the bound of update-norm-bound = 'fixed', but "
             f"update-norm-bound = {bound!r}; set update-norm-bound = 'fixed', or drop max-update-norm"
         )
+    _check_qsparse(cfg)
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
+
+
+def _check_qsparse(cfg: ExperimentConfig) -> None:
+    """The qsparse keys go with ``algorithm = "qsparse"``; its periods with its asynchronous variant."""
+    train = cfg.train
+    if cfg.algorithm != "qsparse":
+        for name, value, default in (
+            ("qsparse-async", train.qsparse_async, False),
+            ("qsparse-periods", train.qsparse_periods, ""),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"config key {name!r}: applies to algorithm = 'qsparse' only, got {value!r}"
+                )
+        return
+    build_qsparse(cfg)
+    check_compressor(build_compressor(cfg.compression))
+
+
+def build_qsparse(cfg: ExperimentConfig) -> Qsparse | None:
+    """Qsparse-local-SGD's worker part (``algorithm = "qsparse"``), or None for the other algorithms."""
+    if cfg.algorithm != "qsparse":
+        return None
+    t = cfg.train
+    return Qsparse(
+        lr=t.local_lr,
+        steps=t.local_steps,
+        asynchronous=t.qsparse_async,
+        periods=parse_periods(t.qsparse_periods),
+        seed=cfg.seed,
+    )
 
 
 def _apply_composition(mapping: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -526,6 +585,7 @@ def build_algorithm(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None =
             action=cfg.server.update_norm_action,
         ),
         min_valid_replies=cfg.server.min_valid_replies,
+        qsparse=build_qsparse(cfg),
     )
 
 

@@ -48,6 +48,9 @@ RESIDUAL_NORM_IN = "residual-norm-in"
 FOLDED_NORM = "ef-folded-norm"
 REMOVED_NORM = "ef-removed-norm"
 STATE_ROUNDS = "state-rounds"
+#: Qsparse-local-SGD: local steps behind a reply (0 = a first asynchronous contact, no work yet) and its age.
+WORK_STEPS = "work-steps"
+STALENESS = "staleness"
 LOCAL_VARIANCE = "local-variance"
 
 #: Run-config keys a client needs (``config.client_keys()``: every key whose ``side`` is "client", compressor

@@ -73,6 +73,8 @@ def run_server(
     spec = ParamSpec.from_module(model)
     algorithm = build_algorithm(cfg, spec.block_sizes)
     names = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
+    if algorithm.qsparse is not None:  # a qsparse-periods list names every node's period
+        algorithm.qsparse.check_clients(names.labels.values())
     labels = names.labels  # one dict, updated when a node first appears (or returns) during the run
 
     checkpoints = run_dir / "checkpoints"

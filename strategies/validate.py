@@ -72,6 +72,8 @@ TRAIN_METRICS: Mapping[str, tuple[str, bool]] = {
     protocol.FOLDED_NORM: (_NORM, False),
     protocol.REMOVED_NORM: (_NORM, False),
     protocol.STATE_ROUNDS: (_COUNT, False),
+    protocol.WORK_STEPS: (_COUNT, False),
+    protocol.STALENESS: (_COUNT, False),
 }
 _SHOWN = 60  # characters of a bad value quoted in a message (a value may be a list of a million numbers)
 

@@ -20,6 +20,7 @@ from fl_compams.compressors.base import (
 from fl_compams.compressors.blocksign import BlockSign, BlockSignPayload
 from fl_compams.compressors.identity import DensePayload, Identity
 from fl_compams.compressors.qsgd import QSGD, QSGDPayload
+from fl_compams.compressors.qsgd_topk import QSGDTopK, QSGDTopKPayload
 from fl_compams.compressors.signtopk import SignSparsePayload, SignTopK
 from fl_compams.compressors.sparse import MVSS, SPARSE_KINDS, RandK, SparsePayload, TopK
 
@@ -38,6 +39,8 @@ __all__ = [
     "Kind",
     "Payload",
     "QSGDPayload",
+    "QSGDTopK",
+    "QSGDTopKPayload",
     "RandK",
     "SignSparsePayload",
     "SignTopK",

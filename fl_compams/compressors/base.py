@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     MVSS = 5
     QSGD = 6
     SIGNTOPK = 7
+    QSGD_TOPK = 10  # fl_compams.compressors.qsgd_topk (10: clear of the numbers other new kinds take)
 
 
 VALUE_DTYPES = ("float32", "float16")

@@ -22,7 +22,7 @@ from fl_compams.schema import NONNEG_INT, Key, key
 if TYPE_CHECKING:
     from fl_compams.codec import Reader, Writer
 
-__all__ = ["QSGD", "QSGDPayload"]
+__all__ = ["QSGD", "QSGDPayload", "read_levels", "read_magnitudes", "write_magnitudes"]
 
 _MAX_LEVELS = 2**15
 
@@ -55,24 +55,40 @@ class QSGDPayload(Payload):
         w.u32(self.bucket_size)
         w.f32(self.norms)
         w.raw(self.signs)
-        w.raw(pack_uint(self.magnitudes.detach().cpu().numpy(), self.levels.bit_length()))
+        write_magnitudes(w, self.magnitudes, self.levels)
 
     @classmethod
     def read_body(cls, r: Reader, kind: int, dim: int) -> QSGDPayload:
         """Check levels in [1, 32768], bucket in [1, dim], norms finite and >= 0, magnitudes <= levels."""
-        levels = r.u32("levels")
-        if not 1 <= levels <= _MAX_LEVELS:
-            raise PayloadError(f"QSGD levels must be in [1, {_MAX_LEVELS}], got {levels}")
+        levels = read_levels(r)
         bucket = r.count("bucket size", dim, minimum=1)
         norms = r.f32(-(-dim // bucket), "norms")
         if bool((norms < 0).any()):
             raise PayloadError("QSGD bucket norms must be >= 0")
         signs = r.bits(dim, "signs")
-        width = levels.bit_length()
-        magnitudes = unpack_uint(r.bits(dim * width, "magnitudes").numpy(), dim, width)
-        if magnitudes.max(initial=0) > levels:
-            raise PayloadError(f"QSGD magnitude {int(magnitudes.max())} exceeds the {levels} levels")
-        return cls(dim, levels, bucket, norms, signs, torch.from_numpy(magnitudes.astype(np.int32)))
+        return cls(dim, levels, bucket, norms, signs, read_magnitudes(r, dim, levels))
+
+
+def read_levels(r: Reader) -> int:
+    """The number of levels s, in [1, 32768]."""
+    levels = r.u32("levels")
+    if not 1 <= levels <= _MAX_LEVELS:
+        raise PayloadError(f"QSGD levels must be in [1, {_MAX_LEVELS}], got {levels}")
+    return levels
+
+
+def write_magnitudes(w: Writer, magnitudes: torch.Tensor, levels: int) -> None:
+    """Levels in {0..s}, bit-packed at ``bit_length(s)`` bits each."""
+    w.raw(pack_uint(magnitudes.detach().cpu().numpy(), levels.bit_length()))
+
+
+def read_magnitudes(r: Reader, count: int, levels: int) -> torch.Tensor:
+    """``count`` levels packed by :func:`write_magnitudes`, each <= ``levels``, as int32."""
+    width = levels.bit_length()
+    magnitudes = unpack_uint(r.bits(count * width, "magnitudes").numpy(), count, width)
+    if magnitudes.max(initial=0) > levels:
+        raise PayloadError(f"QSGD magnitude {int(magnitudes.max())} exceeds the {levels} levels")
+    return torch.from_numpy(magnitudes.astype(np.int32))
 
 
 @register

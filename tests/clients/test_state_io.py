@@ -6,6 +6,7 @@ from flwr.app import RecordDict
 from clients import state_io
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdam
+from fl_compams.qsparse import LocalChange
 
 CPU = torch.device("cpu")
 
@@ -19,7 +20,20 @@ def test_worker_state_round_trips_through_the_node_state():
     back = state_io.load_worker_state(state, 3, CPU)
     assert torch.equal(back.residual, worker.residual) and back.pending == worker.pending
     assert back.local_opt.step == 1 and torch.equal(back.local_opt.v, moments.v) and back.rounds == 4
-    assert state_io.state_bytes(back) == {"residual": 12, "pending": 3, "local_opt": 24}
+    assert state_io.state_bytes(back) == {"residual": 12, "pending": 3, "local_opt": 24, "local_change": 0}
+
+
+def test_qsparse_local_change_round_trips_and_is_counted():
+    change = LocalChange(round=5, steps=3, change=torch.tensor([0.25, -1.0, 2.0]))
+    state = RecordDict()
+    state_io.save_worker_state(state, WorkerState(torch.zeros(3), rounds=2, local_change=change))
+    back = state_io.load_worker_state(state, 3, CPU)
+    assert back.local_change.round == 5 and back.local_change.steps == 3
+    assert torch.equal(back.local_change.change, change.change)
+    assert state_io.state_bytes(back)["local_change"] == 12
+    assert state_io.load_worker_state(state, 4, CPU).local_change is None  # another model size: dropped
+    state_io.save_worker_state(state, back._replace(local_change=None))
+    assert state_io.LOCAL_CHANGE_RECORD not in state
 
 
 def test_empty_slots_are_removed_and_other_model_sizes_start_fresh():

@@ -21,7 +21,9 @@ from fl_compams.algorithm import (
 )
 from fl_compams.checkpoint import load_checkpoint, save_checkpoint
 from fl_compams.error_feedback import ef_step
+from fl_compams.qsparse import Qsparse
 from fl_compams.server import init_server_state
+from fl_compams.server_opt import SGD
 
 BLOCKS = (24, 6, 20, 10)
 DIM = sum(BLOCKS)
@@ -46,6 +48,11 @@ class Client:
     def residual(self):
         return torch.zeros(DIM) if self.state.residual is None else self.state.residual
 
+    def unsent(self):
+        """Asynchronous Qsparse: local work done but not sent yet (model units)."""
+        change = self.state.local_change
+        return torch.zeros(DIM) if change is None else change.change
+
 
 #: The bounds the fault test runs under: a fixed norm, and an adaptive one tight enough to act on these updates.
 BOUNDS = {
@@ -54,15 +61,19 @@ BOUNDS = {
 }
 
 
-def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
+def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qsparse=None):
     """Partial participation, lost instructions and replies, a bound that clips or rejects, rounds below
-    min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger."""
+    min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger.
+
+    With ``qsparse`` (Qsparse-local-SGD) a client's updates are its local work in model units, eta H_r u.
+    """
     algo = Algorithm(
-        "compams",
+        "compams" if qsparse is None else "qsparse",
         compressor(name),
-        AMSGrad(lr=0.01),
+        AMSGrad(lr=0.01) if qsparse is None else SGD(lr=1.0),
         bound=BOUNDS[bound](action),
         min_valid_replies=2,
+        qsparse=qsparse,
     )
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +95,9 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
             c.state, _ = worker_begin(algo, c.state, instruction_for(state, c.label, rnd), dim=DIM)
             scale = 3.0 if rng.random() < 0.3 else 0.5  # some updates exceed the bound
             update = torch.randn(DIM, generator=gen) * scale
-            c.updates += update.double()
-            reply, c.state = worker_end(algo, c.state, update, round=rnd, acked=-1)
+            steps = 1 if qsparse is None else qsparse.period(int(c.label.split("-")[1]))
+            c.updates += update.double() * (1 if qsparse is None else qsparse.lr * steps)
+            reply, c.state = worker_end(algo, c.state, update, round=rnd, acked=-1, steps=steps)
             if 0.1 <= fate < 0.25:  # reply lost in transit, timed out, or invalid: the server never sees it
                 lost.append(c.label)
                 continue
@@ -117,6 +129,23 @@ def test_ef_identity_holds_under_faults(name, action, bound, tmp_path):
     for c in clients:
         assert c.state.pending is None
         total = applied[c.label] + removed[c.label] + c.residual().double()
+        err = float((total - c.updates).norm())
+        assert err <= 1e-5 * float(c.updates.norm()), (c.label, err)
+
+
+@pytest.mark.parametrize("name", ["topk", "blocksign"])
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_ef_identity_holds_under_faults_for_qsparse(name, asynchronous, tmp_path):
+    # per client: sum(applied) + sum(removed) + memory (+ unsent local work) = sum of its local work
+    qsparse = Qsparse(lr=0.5, steps=2, asynchronous=asynchronous, periods="uniform" if asynchronous else "")
+    clients, applied, removed, seen = run_with_faults(name, "reject", tmp_path, qsparse=qsparse)
+    assert seen[Outcome.LOST] > 5 and seen[Outcome.APPLIED] > 20 and seen[Outcome.REJECTED] > 3
+    if asynchronous:  # the uniform rule gave the clients different periods, and some work is still unsent
+        assert len({qsparse.period(i) for i in range(6)}) == 2
+        assert sum(c.state.local_change is not None for c in clients) >= 4
+    for c in clients:
+        assert c.state.pending is None
+        total = applied[c.label] + removed[c.label] + c.residual().double() + c.unsent().double()
         err = float((total - c.updates).norm())
         assert err <= 1e-5 * float(c.updates.norm()), (c.label, err)
 

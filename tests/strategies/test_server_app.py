@@ -324,3 +324,19 @@ def test_registered_names_come_before_claims():
     names.learn(grid, grid.get_node_ids(), timeout=1.0)
     assert names.labels == {3: "node-edge-a", 4: "node-4", 5: "partition-1", 6: "partition-2"}
     assert grid.sent == 1  # one hello round, to the nodes without a valid registered name
+
+
+@pytest.mark.parametrize("periods", ["1,2,3", "4"])
+def test_a_qsparse_period_list_not_naming_every_node_stops_before_round_1(tmp_path, periods):
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    grid = AnsweringGrid({11: hello(0), 12: hello(1)})
+    run_config = {
+        "out-dir": str(tmp_path),
+        "run-name": "q",
+        "algorithm": "qsparse",
+        "qsparse-async": True,
+        "qsparse-periods": periods,
+    }
+    with pytest.raises(ConfigError, match=r"'qsparse-periods'.*2 nodes"):
+        run_server(grid, run_config)
+    assert grid.sent == 1  # the hello only: no training instruction went out
