@@ -99,7 +99,7 @@ _FEDERATION: tuple[Key, ...] = (
         "algorithm",
         "compams",
         choice(ALGORITHMS),
-        "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm = named compositions "
+        "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm, qsparse = named compositions "
         "(fl_compams.algorithm.ALGORITHMS); flower-* = Flower's own strategies",
     ),
 )
