@@ -20,6 +20,7 @@ from fl_compams.compressors.base import (
 from fl_compams.compressors.blocksign import BlockSign, BlockSignPayload
 from fl_compams.compressors.identity import DensePayload, Identity
 from fl_compams.compressors.qsgd import QSGD, QSGDPayload
+from fl_compams.compressors.sign import Sign, SignPayload
 from fl_compams.compressors.signtopk import SignSparsePayload, SignTopK
 from fl_compams.compressors.sparse import MVSS, SPARSE_KINDS, RandK, SparsePayload, TopK
 
@@ -39,6 +40,8 @@ __all__ = [
     "Payload",
     "QSGDPayload",
     "RandK",
+    "Sign",
+    "SignPayload",
     "SignSparsePayload",
     "SignTopK",
     "SparsePayload",

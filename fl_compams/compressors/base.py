@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     MVSS = 5
     QSGD = 6
     SIGNTOPK = 7
+    SIGN = 8
 
 
 VALUE_DTYPES = ("float32", "float16")

@@ -20,6 +20,7 @@ from fl_compams.algorithm import (
     worker_end,
 )
 from fl_compams.checkpoint import load_checkpoint, save_checkpoint
+from fl_compams.downlink import DownlinkPart, receive
 from fl_compams.error_feedback import ef_step
 from fl_compams.server import init_server_state
 
@@ -54,22 +55,25 @@ BOUNDS = {
 }
 
 
-def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
+def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", two_way=False):
     """Partial participation, lost instructions and replies, a bound that clips or rejects, rounds below
-    min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger."""
+    min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger.
+
+    ``two_way``: Block-Sign broadcasts (log of 3); each client brings its replica to the public model first."""
     algo = Algorithm(
         "compams",
         compressor(name),
         AMSGrad(lr=0.01),
         bound=BOUNDS[bound](action),
         min_valid_replies=2,
+        downlink=DownlinkPart(compressor("blocksign"), log_size=3) if two_way else None,
     )
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     clients = [Client(f"partition-{i}") for i in range(6)]
     applied = {c.label: torch.zeros(DIM, dtype=torch.float64) for c in clients}
     removed = {c.label: torch.zeros(DIM, dtype=torch.float64) for c in clients}
-    state = init_server_state(torch.zeros(DIM), algo.server_opt)
+    state = init_server_state(torch.zeros(DIM), algo.server_opt, two_way=two_way)
     seen = {o: 0 for o in Outcome}
     for rnd in range(1, rounds + 1):
         if rnd == rounds // 2:  # server restart: everything it knows comes back from the checkpoint
@@ -81,7 +85,16 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
             if fate < 0.1:  # the instruction never arrives: the client does nothing this round
                 lost.append(c.label)
                 continue
-            c.state, _ = worker_begin(algo, c.state, instruction_for(state, c.label, rnd), dim=DIM)
+            instruction = instruction_for(state, c.label, rnd)
+            version = None
+            if two_way:
+                dense = state.downlink.public if instruction.downlink.dense else None
+                replica, version = receive(
+                    c.state.replica, c.state.replica_version, instruction.downlink, dense, dim=DIM
+                )
+                assert torch.equal(replica, state.downlink.public)
+                c.state = c.state._replace(replica=replica, replica_version=version)
+            c.state, _ = worker_begin(algo, c.state, instruction, dim=DIM)
             scale = 3.0 if rng.random() < 0.3 else 0.5  # some updates exceed the bound
             update = torch.randn(DIM, generator=gen) * scale
             c.updates += update.double()
@@ -92,7 +105,7 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed"):
             payload = from_bytes(reply.payload, DIM)
             sent[c.label] = payload.decode().double()
             acked = max((s.round for s in instruction_for(state, c.label, rnd).statuses), default=-1)
-            replies.append(ServerReply(c.label, rnd, payload, 10, acked))
+            replies.append(ServerReply(c.label, rnd, payload, 10, acked, version))
         state, report = server_step(algo, state, rnd, replies, lost)
         for label, status in report.statuses.items():
             seen[status.outcome] += 1
@@ -119,6 +132,17 @@ def test_ef_identity_holds_under_faults(name, action, bound, tmp_path):
         total = applied[c.label] + removed[c.label] + c.residual().double()
         err = float((total - c.updates).norm())
         assert err <= 1e-5 * float(c.updates.norm()), (c.label, err)
+
+
+@pytest.mark.parametrize("name", ["topk", "blocksign"])
+def test_ef_identity_holds_with_two_way_compression(name, tmp_path):
+    # Replicas, the broadcast log and dense resyncs (the restart reloads the downlink slot from the checkpoint).
+    clients, applied, removed, seen = run_with_faults(name, "reject", tmp_path, two_way=True)
+    assert seen[Outcome.LOST] > 5 and seen[Outcome.APPLIED] > 20 and seen[Outcome.REJECTED] > 3
+    for c in clients:
+        assert c.state.pending is None
+        total = applied[c.label] + removed[c.label] + c.residual().double()
+        assert float((total - c.updates).norm()) <= 1e-5 * float(c.updates.norm()), c.label
 
 
 def test_without_acknowledgement_a_lost_reply_would_be_gone():
