@@ -1,7 +1,9 @@
 """Client state in Flower's ``context.state``: the worker state of the algorithm layer, slot by slot.
 
 Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
-arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``) and the rounds counter.
+arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``), the rounds counter, and
+with two-way compression the public model the node holds and its version (``replica``), dist-EF-SGDM's momentum
+(``momentum``).
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -27,7 +29,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from clients import persist
 from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
-from fl_compams.client_opt import LocalAdamState
+from fl_compams.client_opt import LocalAdamState, MomentumState
+from fl_compams.downlink import Version
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ RESIDUAL_KEY = "residual"
 PENDING_RECORD = "pending"
 ADAM_RECORD = "qadam"
 COUNTERS_RECORD = "counters"
+#: Two-way compression: the public model the node holds and its version; dist-EF-SGDM's momentum buffer.
+REPLICA_RECORD = "replica"
+MOMENTUM_RECORD = "momentum"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
@@ -68,13 +74,41 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
             step = int(rec["step"].numpy()[0])
             local = LocalAdamState(step, _tensor(m, np.float32, device), _tensor(v, np.float32, device))
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
-    return WorkerState(residual=residual, pending=pending, local_opt=local, rounds=rounds)
+    replica, version = _load_replica(state, dim, device)
+    momentum = None
+    if MOMENTUM_RECORD in state:
+        m = state[MOMENTUM_RECORD]["m"].numpy()
+        if m.shape == (dim,):
+            momentum = MomentumState(_tensor(m, np.float32, device))
+    return WorkerState(
+        residual=residual,
+        pending=pending,
+        local_opt=local,
+        rounds=rounds,
+        replica=replica,
+        replica_version=version,
+        momentum=momentum,
+    )
+
+
+def _load_replica(
+    state: RecordDict, dim: int, device: torch.device
+) -> tuple[torch.Tensor | None, Version | None]:
+    """The replica and its version; none if absent or of another model size (the server then resyncs)."""
+    if REPLICA_RECORD not in state:
+        return None, None
+    rec = state[REPLICA_RECORD]
+    model = rec["model"].numpy()
+    if model.shape != (dim,):
+        return None, None
+    digest = rec["digest"].numpy().astype(np.uint8).tobytes().decode("ascii", errors="replace")
+    return _tensor(model, np.float32, device), Version(int(rec["round"].numpy()[0]), digest)
 
 
 def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
-    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD):
+    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD, REPLICA_RECORD, MOMENTUM_RECORD):
         if record in state:
             del state[record]
     if worker.residual is not None:
@@ -94,6 +128,18 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
                 "step": Array(np.array([worker.local_opt.step], dtype=np.int64)),
             }
         )
+    if worker.replica is not None and worker.replica_version is not None:
+        state[REPLICA_RECORD] = ArrayRecord(
+            {
+                "model": as_array(worker.replica),
+                "round": Array(np.array([worker.replica_version.round], dtype=np.int64)),
+                "digest": Array(
+                    np.frombuffer(worker.replica_version.digest.encode("ascii"), dtype=np.uint8).copy()
+                ),
+            }
+        )
+    if worker.momentum is not None:
+        state[MOMENTUM_RECORD] = ArrayRecord({"m": as_array(worker.momentum.m)})
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
@@ -105,6 +151,12 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
         else 0,
         "pending": len(worker.pending.payload) if worker.pending is not None else 0,
         "local_opt": 0,
+        "replica": worker.replica.numel() * worker.replica.element_size()
+        if worker.replica is not None
+        else 0,
+        "momentum": worker.momentum.m.numel() * worker.momentum.m.element_size()
+        if worker.momentum is not None
+        else 0,
     }
     if worker.local_opt is not None:
         sizes["local_opt"] = sum(
