@@ -121,7 +121,7 @@ class CompAMS(FedAvg):
             grid, grid.get_node_ids(), self.config.server.round_timeout
         )  # new or restarted nodes
         random.seed(protocol.derive_seed(self.config.seed, rnd))
-        messages, resyncs = [], 0
+        messages, resyncs, theory_bits = [], 0, 0.0
         for m in super().configure_train(rnd, arrays, config, grid):
             node = m.metadata.dst_node_id
             instruction = instruction_for(self.state, self.label(node), rnd)
@@ -133,6 +133,7 @@ class CompAMS(FedAvg):
                 )
                 content[protocol.DOWNLINK] = ConfigRecord(protocol.downlink_to_fields(instruction.downlink))
                 resyncs += instruction.downlink.dense
+                theory_bits += self._downlink_theory_bits(instruction.downlink)
             if statuses:  # the model and settings records are shared objects, not copies
                 content = RecordDict({**content})
                 content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
@@ -144,6 +145,7 @@ class CompAMS(FedAvg):
         traffic.record_instructions(messages, self.label)
         if self.state.downlink is not None:
             traffic.downlink_resyncs = resyncs
+            traffic.downlink_theory_bits = theory_bits
         self.traffic[rnd] = traffic
         return messages
 
@@ -293,6 +295,12 @@ class CompAMS(FedAvg):
         log.info("\t└──> Evaluation: central, on the server's test set (no federated evaluation round)")
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _downlink_theory_bits(self, instruction) -> float:
+        """Theory bits of a two-way instruction: 32 d for a resync, else C_s's formula per broadcast."""
+        if instruction.dense:
+            return 32.0 * self.spec.dim
+        return len(instruction.steps) * self.algorithm.downlink.compressor.theory_bits(self.spec.dim)
+
     def public_model(self):
         """The flat model clients hold: theta, or with two-way compression the public model (evaluated)."""
         return self.state.theta if self.state.downlink is None else self.state.downlink.public

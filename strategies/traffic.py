@@ -37,6 +37,7 @@ class RoundTraffic:
     per_client: dict[str, dict] = field(default_factory=dict)
     #: Two-way compression: instructions that carried the dense model (None = one-way, every one does).
     downlink_resyncs: int | None = None
+    downlink_theory_bits: float = 0.0
 
     def record_instructions(self, messages: Iterable[Message], label_of: Callable[[int], str]) -> None:
         """Downlink: the serialised size of every instruction (each distinct content measured once)."""
@@ -87,7 +88,11 @@ def traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[st
     two_way = {}
     if traffic.downlink_resyncs is not None:
         sent = max(1, len(traffic.downlink_bytes))
-        two_way = {"downlink_resyncs": traffic.downlink_resyncs, "downlink_bytes_per_client": down / sent}
+        two_way = {
+            "downlink_resyncs": traffic.downlink_resyncs,
+            "downlink_bytes_per_client": down / sent,
+            "downlink_theory_bytes_per_client": traffic.downlink_theory_bits / 8 / sent,
+        }
     return {
         **two_way,
         "train_loss": traffic.train_loss,

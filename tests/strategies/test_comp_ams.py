@@ -380,5 +380,6 @@ def test_two_way_sends_broadcasts_to_known_replicas_and_the_dense_model_otherwis
     node1 = next(m for m in second if m.metadata.dst_node_id == 1)
     chain = protocol.downlink_from_fields(dict(node1.content[protocol.DOWNLINK]))
     assert [str(s.source) for s in chain.steps] == [v0] and chain.target == down.version
+    assert strategy.traffic[2].downlink_theory_bits == 2 * 32 * SPEC.dim + 2 * (SPEC.dim + 2 * 32)
     sizes = strategy.traffic[2].downlink_bytes
     assert sizes["node-1"] < sizes["node-3"] - 4 * SPEC.dim
