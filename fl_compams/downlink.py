@@ -21,7 +21,8 @@ residual in model units does by itself (and the rate is constant in this code ba
 digits of the SHA-256 of its float32 bytes. The server keeps the last ``log_size`` broadcasts (source version,
 target version, wire bytes) and, per client label, the version of the replica the client last echoed. A client's
 instruction (:func:`instruction_for`) is the chain of broadcasts from that version to the current one, or, when
-the version is unknown, older than the log or never echoed, the dense public model (a *resync*). The client
+the version is unknown, older than the log or never echoed, or when the chain would outweigh the model itself,
+the dense public model (a *resync*). The client
 (:func:`receive`) finds its own version in the chain, applies the rest in order, and checks the digest of the
 result against the target; any mismatch raises :class:`ReplicaMismatch` (the client then asks for a resync and
 does not train on a model it cannot vouch for).
@@ -161,13 +162,20 @@ def broadcast(
 
 
 def instruction_for(state: Downlink, label: str) -> DownInstruction:
-    """The broadcasts since the version ``label`` last echoed, or a dense resync if that is not in the log."""
+    """The broadcasts since the version ``label`` last echoed, or a dense resync.
+
+    Dense when that version is not in the log (unknown, never echoed, older than the log), and also when the
+    broadcasts would take at least as many bytes as the float32 model itself.
+    """
     have = state.replicas.get(label)
     if have == state.version:
         return DownInstruction(state.version)
     for i, entry in enumerate(state.log):
         if entry.source == have:
-            return DownInstruction(state.version, state.log[i:])
+            steps = state.log[i:]
+            if sum(len(s.payload) for s in steps) < 4 * state.public.numel():
+                return DownInstruction(state.version, steps)
+            break
     return DownInstruction(state.version, dense=True)
 
 

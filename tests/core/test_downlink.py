@@ -230,6 +230,24 @@ def test_late_and_absent_clients_catch_up_from_the_log_or_a_dense_resync():
     assert any(d for _, _, d, _ in log[6:]) and any(not d for _, _, d, _ in log)
 
 
+def test_a_chain_heavier_than_the_model_is_replaced_by_the_dense_model():
+    # Top-k keeping every coordinate sends 8 bytes per coordinate: one broadcast already outweighs 4 d bytes.
+    lossless = Algorithm(
+        "compams", DOWN["topk"](), AMSGrad(lr=0.05), downlink=DownlinkPart(make_compressor("topk", ratio=1.0))
+    )
+    log = []
+    run(lossless, rounds=4, n=2, log=log)
+    assert all(dense for _, _, dense, _ in log)
+    small = []
+    run(
+        Algorithm("compams", DOWN["topk"](), AMSGrad(lr=0.05), downlink=DownlinkPart(DOWN["topk"]())),
+        4,
+        2,
+        log=small,
+    )
+    assert not any(dense for rnd, _, dense, _ in small if rnd > 1)
+
+
 def test_a_replica_ahead_of_the_servers_idea_skips_what_it_has():
     # The client applied round 1's broadcast but its reply was lost: the server still thinks it holds version 0
     # and sends the chain from there; the client starts at its own version in the chain.
