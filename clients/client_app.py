@@ -22,7 +22,8 @@ from clients import baselines, state_io
 from fl_compams import protocol
 from fl_compams.algorithm import FLOWER_BASELINES, Instruction, worker_begin, worker_end
 from fl_compams.config import ExperimentConfig, build_algorithm, parse_config
-from fl_compams.flat import ParamSpec, flatten
+from fl_compams.downlink import ReplicaMismatch, receive
+from fl_compams.flat import ParamSpec, flatten, unflatten
 from tasks.local_data import node_data
 from tasks.task import model_for_task, resolve_device, task_shape
 from tasks.training import evaluate, full_gradient, local_update
@@ -40,7 +41,8 @@ def _setup(msg: Message, context: Context):
     # pid seeds this node's randomness: its partition id if it has one
     pid, x, y = data.seed_id, data.x, data.y
     model = model_for_task(cfg.data, cfg.seed)  # architecture only: the weights come from the message
-    model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    if protocol.ARRAYS in msg.content:  # two-way compression: absent unless a dense resync (see train)
+        model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
     model.to(device)
     server_round = int(record.get("server-round", 0))
     return cfg, device, pid, server_round, x, y, model
@@ -62,16 +64,25 @@ def train(msg: Message, context: Context) -> Message:
     algorithm = None if cfg.algorithm in FLOWER_BASELINES else build_algorithm(cfg, spec.block_sizes)
     qsparse = algorithm.qsparse if algorithm is not None else None
     steps = qsparse.period(pid) if qsparse is not None else cfg.train.local_steps  # Qsparse's H_r
-    update, loss = _local_update(cfg, device, pid, server_round, x, y, model, steps)
-    metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
     if algorithm is None:  # Flower's own FedAvg / FedAdam: reply with the trained dense model
+        update, loss = _local_update(cfg, device, pid, server_round, x, y, model, steps)
+        metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
         theta0 = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
         lr_steps = cfg.train.local_lr * cfg.train.local_steps
         return baselines.dense_model_reply(msg, spec, theta0, update, lr_steps, metrics)
     # node config state-dir: a restarted SuperNode, or the first round of a resumed run
     state_io.restore_from_disk(context, spec.dim, server_round=server_round)
     worker = state_io.load_worker_state(context.state, spec.dim, device)
-    instruction = Instruction(server_round, _statuses(msg))
+    instruction = Instruction(server_round, _statuses(msg), _downlink(msg))
+    if instruction.downlink is not None:  # two-way: bring the replica to the public model and train there
+        try:
+            worker = _receive(msg, worker, instruction.downlink, spec, device)
+        except ReplicaMismatch as err:  # never train on a model the node cannot vouch for: ask for the model
+            record = ConfigRecord({protocol.REPLY_ROUND: server_round, protocol.RESYNC: str(err)[:500]})
+            return Message(RecordDict({protocol.PAYLOAD: record}), reply_to=msg)
+        model.load_state_dict(unflatten(worker.replica.cpu(), spec))
+    update, loss = _local_update(cfg, device, pid, server_round, x, y, model, steps)
+    metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
     worker, begun = worker_begin(algorithm, worker, instruction, dim=spec.dim, device=device)
     residual_in = float(worker.residual.norm()) if worker.residual is not None else 0.0
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
@@ -97,6 +108,8 @@ def train(msg: Message, context: Context) -> Message:
             protocol.ACKED: reply.acked,
         }
     )
+    if worker.replica_version is not None and instruction.downlink is not None:
+        record[protocol.REPLICA] = str(worker.replica_version)  # the version it trained at
     return Message(
         RecordDict({protocol.PAYLOAD: record, protocol.METRICS: MetricRecord(metrics)}), reply_to=msg
     )
@@ -115,6 +128,24 @@ def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x,
             batch_size=cfg.train.batch_size,
             generator=_generator(cfg, pid, server_round, 0),
         )
+
+
+def _downlink(msg: Message):
+    """The two-way instruction (broadcasts since this node's replica, or a dense resync); None = one-way."""
+    if protocol.DOWNLINK not in msg.content:
+        return None
+    return protocol.downlink_from_fields(dict(msg.content[protocol.DOWNLINK]))
+
+
+def _receive(msg: Message, worker, instruction, spec: ParamSpec, device):
+    """The worker state with its replica at the instruction's target (raises ReplicaMismatch)."""
+    dense = None
+    if instruction.dense and protocol.ARRAYS in msg.content:
+        dense = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
+    replica, version = receive(
+        worker.replica, worker.replica_version, instruction, dense, dim=spec.dim, block_sizes=spec.block_sizes
+    )
+    return worker._replace(replica=replica, replica_version=version)
 
 
 def _statuses(msg: Message) -> tuple:

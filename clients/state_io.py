@@ -2,7 +2,9 @@
 
 Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
 arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``), asynchronous Qsparse's
-unsent local work (``qsparse``: the change, its round and steps) and the rounds counter.
+unsent local work (``qsparse``: the change, its round and steps), the rounds counter, and with two-way
+compression the public model the node holds and its version (``replica``), dist-EF-SGDM's momentum
+(``momentum``).
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -28,7 +30,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from clients import persist
 from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
-from fl_compams.client_opt import LocalAdamState
+from fl_compams.client_opt import LocalAdamState, MomentumState
+from fl_compams.downlink import Version
 from fl_compams.qsparse import LocalChange
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,9 @@ PENDING_RECORD = "pending"
 ADAM_RECORD = "qadam"
 LOCAL_CHANGE_RECORD = "qsparse"
 COUNTERS_RECORD = "counters"
+#: Two-way compression: the public model the node holds and its version; dist-EF-SGDM's momentum buffer.
+REPLICA_RECORD = "replica"
+MOMENTUM_RECORD = "momentum"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
@@ -79,15 +85,49 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
                 int(rec["round"].numpy()[0]), int(rec["steps"].numpy()[0]), _tensor(arr, np.float32, device)
             )
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
+    replica, version = _load_replica(state, dim, device)
+    momentum = None
+    if MOMENTUM_RECORD in state:
+        m = state[MOMENTUM_RECORD]["m"].numpy()
+        if m.shape == (dim,):
+            momentum = MomentumState(_tensor(m, np.float32, device))
     return WorkerState(
-        residual=residual, pending=pending, local_opt=local, rounds=rounds, local_change=change
+        residual=residual,
+        pending=pending,
+        local_opt=local,
+        rounds=rounds,
+        local_change=change,
+        replica=replica,
+        replica_version=version,
+        momentum=momentum,
     )
+
+
+def _load_replica(
+    state: RecordDict, dim: int, device: torch.device
+) -> tuple[torch.Tensor | None, Version | None]:
+    """The replica and its version; none if absent or of another model size (the server then resyncs)."""
+    if REPLICA_RECORD not in state:
+        return None, None
+    rec = state[REPLICA_RECORD]
+    model = rec["model"].numpy()
+    if model.shape != (dim,):
+        return None, None
+    digest = rec["digest"].numpy().astype(np.uint8).tobytes().decode("ascii", errors="replace")
+    return _tensor(model, np.float32, device), Version(int(rec["round"].numpy()[0]), digest)
 
 
 def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
-    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD, LOCAL_CHANGE_RECORD):
+    for record in (
+        RESIDUAL_RECORD,
+        PENDING_RECORD,
+        ADAM_RECORD,
+        LOCAL_CHANGE_RECORD,
+        REPLICA_RECORD,
+        MOMENTUM_RECORD,
+    ):
         if record in state:
             del state[record]
     if worker.residual is not None:
@@ -115,6 +155,18 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
                 "steps": Array(np.array([worker.local_change.steps], dtype=np.int64)),
             }
         )
+    if worker.replica is not None and worker.replica_version is not None:
+        state[REPLICA_RECORD] = ArrayRecord(
+            {
+                "model": as_array(worker.replica),
+                "round": Array(np.array([worker.replica_version.round], dtype=np.int64)),
+                "digest": Array(
+                    np.frombuffer(worker.replica_version.digest.encode("ascii"), dtype=np.uint8).copy()
+                ),
+            }
+        )
+    if worker.momentum is not None:
+        state[MOMENTUM_RECORD] = ArrayRecord({"m": as_array(worker.momentum.m)})
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
@@ -128,6 +180,12 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
         "local_opt": 0,
         "local_change": worker.local_change.change.numel() * worker.local_change.change.element_size()
         if worker.local_change is not None
+        else 0,
+        "replica": worker.replica.numel() * worker.replica.element_size()
+        if worker.replica is not None
+        else 0,
+        "momentum": worker.momentum.m.numel() * worker.momentum.m.element_size()
+        if worker.momentum is not None
         else 0,
     }
     if worker.local_opt is not None:

@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fl_compams import downlink as two_way
 from fl_compams.aggregate import WEIGHTINGS, aggregation_weights
-from fl_compams.client_opt import LocalAdam, LocalAdamState
+from fl_compams.client_opt import LocalAdam, LocalAdamState, MomentumState, NesterovMomentum
 from fl_compams.codec import from_bytes, to_bytes
 from fl_compams.compressors import Compressor
 from fl_compams.error_feedback import ef_step
@@ -97,6 +98,8 @@ class Instruction(NamedTuple):
 
     round: int
     statuses: tuple[Status, ...] = ()
+    #: Two-way compression: the broadcasts since the client's replica version, or a dense resync (None = one-way).
+    downlink: two_way.DownInstruction | None = None
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -120,6 +123,11 @@ class WorkerState(NamedTuple):
     rounds: int = 0
     #: Asynchronous Qsparse-local-SGD: local work not sent yet (model units), see :mod:`fl_compams.qsparse`.
     local_change: LocalChange | None = None
+    #: Two-way compression: the public model this worker holds (flat) and its version.
+    replica: torch.Tensor | None = None
+    replica_version: two_way.Version | None = None
+    #: Nesterov momentum buffer (dist-EF-SGDM).
+    momentum: MomentumState | None = None
 
 
 class BeginReport(NamedTuple):
@@ -151,6 +159,8 @@ class ServerReply(NamedTuple):
     payload: Payload
     num_examples: int
     acked: int = -1
+    #: Two-way compression: the replica version the client trained at (echoed in its reply).
+    replica: two_way.Version | None = None
 
 
 class StepReport(NamedTuple):
@@ -251,21 +261,24 @@ def _quantile(values: list[float], q: float) -> float:
 class Algorithm:
     """A federated optimizer as a composition of parts (design.md section 7).
 
-    ``local_opt`` transforms the local update before compression (QAdam's local Adam); ``compressor`` with
-    ``error_feedback`` is the uplink; ``bound``, ``weighting`` and ``min_valid_replies`` shape the aggregate;
-    ``server_opt`` steps the global model with the mean of the decoded replies. ``qsparse`` (Qsparse-local-SGD)
-    compresses the net local change in model units, now (synchronous) or at the next contact (asynchronous).
+    ``local_opt`` transforms the local update before compression (QAdam's local Adam, dist-EF-SGDM's Nesterov
+    momentum); ``compressor`` with ``error_feedback`` is the uplink; ``bound``, ``weighting`` and
+    ``min_valid_replies`` shape the aggregate; ``server_opt`` steps the global model with the mean of the decoded
+    replies; ``downlink`` (None = the dense model) compresses the broadcast with server error feedback.
+    ``qsparse`` (Qsparse-local-SGD) compresses the net local change in model units, now (synchronous) or at the
+    next contact (asynchronous).
     """
 
     name: str
     compressor: Compressor
     server_opt: ServerOptimizer
     error_feedback: bool = True
-    local_opt: LocalAdam | None = None
+    local_opt: LocalAdam | NesterovMomentum | None = None
     weighting: str = "uniform"
     bound: ReplyBound = ReplyBound()
     min_valid_replies: int = 1
     qsparse: Qsparse | None = None
+    downlink: two_way.DownlinkPart | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -274,8 +287,9 @@ class Algorithm:
             raise ValueError(f"algorithm: min_valid_replies must be >= 1, got {self.min_valid_replies}")
 
 
-#: Named compositions: the settings each one fixes (config keys and values). ``parse_config`` fills them in and
-#: refuses an explicit conflicting value; ``compams`` fixes nothing (every part comes from the config).
+#: Named compositions: the settings each one fixes (config keys and values, or a tuple of the values allowed, the
+#: first by default). ``parse_config`` fills them in and refuses an explicit conflicting value; ``compams`` fixes
+#: nothing (every part comes from the config).
 ALGORITHMS: dict[str, Mapping[str, Any]] = {
     # COMP-AMS (Li et al., Algorithm 2): compressor + EF on the uplink, AMSGrad on the server.
     "compams": {},
@@ -285,6 +299,18 @@ ALGORITHMS: dict[str, Mapping[str, Any]] = {
     "mvss": {"compressor": "mvss", "error-feedback": False},
     # Compressed SGD with server momentum: the compressor + EF uplink of COMP-AMS, SGD momentum 0.9 on the server.
     "sgdm": {"server-opt": "sgd", "server-momentum": 0.9},
+    # dist-EF-SGDM (Zheng, Huang & Kwok, NeurIPS 2019): Nesterov momentum on the worker (client-momentum = 0:
+    # dist-EF-SGD), per-layer Block-Sign both ways (or the one-scale sign) with worker and server EF, and the
+    # server's plain step x <- x - lr mean_i Delta_i. A tuple lists the values allowed (the first one by default).
+    "ef-sgdm": {
+        "compressor": ("blocksign", "sign"),
+        "downlink-compressor": ("blocksign", "sign"),
+        "error-feedback": True,
+        "client-opt": "nesterov",
+        "server-opt": "sgd",
+        "server-momentum": 0.0,
+        "nesterov": False,
+    },
     # Flower's own FedAvg / FedAdam on dense models (run by Flower's strategies, not by server_step).
     "flower-fedavg": {"compressor": "identity", "client-opt": "none"},
     "flower-fedadam": {"compressor": "identity", "client-opt": "none"},
@@ -367,8 +393,12 @@ def worker_end(
             kept, update, round=round, steps=algorithm.qsparse.steps if steps is None else steps
         )
         x, kept = work.send, work.keep
-    local = state.local_opt
-    if algorithm.local_opt is not None:
+    local, momentum = state.local_opt, state.momentum
+    if isinstance(algorithm.local_opt, NesterovMomentum):  # its buffer lives in its own slot
+        if momentum is None or momentum.m.shape != x.shape:
+            momentum = algorithm.local_opt.init(x)
+        x, momentum = algorithm.local_opt.step(x, momentum)
+    elif algorithm.local_opt is not None:
         if local is None or local.m.shape != update.shape:
             local = algorithm.local_opt.init(update)
         x, local = algorithm.local_opt.step(update, local)
@@ -379,15 +409,25 @@ def worker_end(
     data = to_bytes(payload)
     pending = Pending(round, data) if residual is not None else None
     new_state = state._replace(
-        residual=residual, pending=pending, local_opt=local, rounds=state.rounds + 1, local_change=kept
+        residual=residual,
+        pending=pending,
+        local_opt=local,
+        momentum=momentum,
+        rounds=state.rounds + 1,
+        local_change=kept,
     )
     return WorkerReply(round, data, acked), new_state
 
 
 # ----------------------------------------------------------------------------------------------- server
 def instruction_for(state: ServerState, label: str, round: int) -> Instruction:
-    """The statuses a client has not acknowledged yet, for the instruction of ``round``."""
-    return Instruction(round, tuple(state.unacked.get(label, ())))
+    """The statuses a client has not acknowledged yet, for the instruction of ``round``.
+
+    With two-way compression also the broadcasts since its replica version, or a dense resync
+    (:func:`fl_compams.downlink.instruction_for`).
+    """
+    down = two_way.instruction_for(state.downlink, label) if state.downlink is not None else None
+    return Instruction(round, tuple(state.unacked.get(label, ())), down)
 
 
 def server_step(
@@ -407,6 +447,7 @@ def server_step(
     count as lost (their workers fold them back).
     """
     replies = sorted(replies, key=lambda r: label_sort_key(r.label))  # summation order: labels, not arrival
+    theta_before = state.theta
     unacked = {label: tuple(s) for label, s in state.unacked.items()}
     for r in replies:  # a reply confirms the statuses it applied
         kept = tuple(s for s in unacked.get(r.label, ()) if s.round > r.acked)
@@ -441,6 +482,13 @@ def server_step(
         unacked[label] = (*unacked.get(label, ()), status)
     recent = algorithm.bound.observe(state.recent_norms, tuple(norms.values()), bound)
     state = state._replace(round=round, unacked=unacked, recent_norms=recent)
+    if algorithm.downlink is not None and state.downlink is not None:  # two-way: echoes, then the broadcast
+        down = two_way.observe(
+            state.downlink, ((r.label, r.replica) for r in replies if r.replica is not None)
+        )
+        if applied:
+            down = two_way.broadcast(algorithm.downlink, down, theta_before, state.theta, round)
+        state = state._replace(downlink=down)
     return state, StepReport(statuses, applied, weights, norms, bound)
 
 

@@ -19,12 +19,14 @@ import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from fl_compams.algorithm import Outcome, Status
+from fl_compams.downlink import Broadcast, Downlink, Version, parse_version
 from fl_compams.server import ServerState
 from fl_compams.server_opt import AdamState, SGDState
 
@@ -34,13 +36,14 @@ MAGIC = b"CAMSCKPT"
 #: 2 added the statuses clients have not acknowledged (``unacked``), 3 the recent reply norms of the adaptive
 #: reply bound (``recent_norms``). Older files are migrated on load: version 1 predates acknowledged client
 #: state (no status was outstanding); versions 1 and 2 predate the adaptive bound (its history starts empty,
-#: so the first rounds after the resume bound as the first rounds of a run do).
-VERSION = 3
-_READABLE = (1, 2, 3)
+#: so the first rounds after the resume bound as the first rounds of a run do). 4 added the two-way downlink
+#: (header key ``downlink``, tensors ``downlink.*``); a file of version 3 or older loads with it empty (one-way).
+VERSION = 4
+_READABLE = (1, 2, 3, 4)
 _PREFIX = struct.Struct("<8sHI")
 _DIGEST = 32
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "uint8": torch.uint8}
 _OPT_STATES = {"AdamState": AdamState, "SGDState": SGDState}
 
 
@@ -56,7 +59,7 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
     """Write ``round-<r>.ckpt`` for ``state`` into ``directory`` atomically; return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"theta": state.theta, **_opt_tensors(state.opt_state)}
+    tensors = {"theta": state.theta, **_opt_tensors(state.opt_state), **_downlink_tensors(state.downlink)}
     table, chunks, offset = [], [], 0
     for name, t in tensors.items():
         data = t.detach().cpu().contiguous().numpy().tobytes()
@@ -75,6 +78,7 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
         },
         "recent_norms": [[float(n) for n in norms] for norms in state.recent_norms],
         "opt_state_type": type(state.opt_state).__name__,
+        **_downlink_header(state.downlink),
         "opt_scalars": scalars,
         "tensors": table,
         "extra": extra or {},
@@ -134,6 +138,7 @@ def load_checkpoint(
         for name, value in scalars.items():
             _require(_is_count(value), f"optimizer counter {name!r} must be an integer >= 0, got {value!r}")
         opt_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
+        down = _downlink(header.get("downlink"), tensors, theta)
         for name, t in opt_tensors.items():
             _require(
                 t.shape == theta.shape,
@@ -154,12 +159,76 @@ def load_checkpoint(
         recent = header.get("recent_norms", [])
         _require(isinstance(recent, list), "recent_norms is not a list")
         recent = tuple(_norms(norms) for norms in recent)
-        state = ServerState(header["round"], theta, opt_state, unacked, recent)
+        state = ServerState(header["round"], theta, opt_state, unacked, recent, down)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
         raise CheckpointError(f"{path}: malformed header ({type(err).__name__}: {err})") from err
     return state, extra
+
+
+def _downlink_tensors(down: Downlink | None) -> dict[str, torch.Tensor]:
+    if down is None:
+        return {}
+    log = {
+        f"downlink.log.{i}": torch.frombuffer(bytearray(b.payload), dtype=torch.uint8)
+        for i, b in enumerate(down.log)
+    }
+    return {"downlink.public": down.public, "downlink.residual": down.residual, **log}
+
+
+def _downlink_header(down: Downlink | None) -> dict[str, Any]:
+    if down is None:
+        return {}
+    return {
+        "downlink": {
+            "version": str(down.version),
+            "log": [[str(b.source), str(b.target)] for b in down.log],
+            "replicas": {label: str(v) for label, v in down.replicas.items()},
+        }
+    }
+
+
+def _version(text: Any) -> Version:
+    try:
+        return parse_version(text)
+    except ValueError as err:
+        raise CheckpointError(f"downlink: {err}") from None
+
+
+def _downlink(head: Any, tensors: dict[str, torch.Tensor], theta: torch.Tensor) -> Downlink | None:
+    """The downlink slot (version 4) from the header and the ``downlink.*`` tensors; None for a one-way run."""
+    if head is None:
+        _require(
+            not any(k.startswith("downlink.") for k in tensors), "downlink tensors without a downlink header"
+        )
+        return None
+    _require(isinstance(head, dict), "downlink is not a JSON object")
+    public, residual = tensors["downlink.public"], tensors["downlink.residual"]
+    for name, t in (("public", public), ("residual", residual)):
+        _require(
+            t.shape == theta.shape and t.dtype == theta.dtype,
+            f"downlink {name} must be like theta {tuple(theta.shape)}, got {tuple(t.shape)} {t.dtype}",
+        )
+    entries = head["log"]
+    _require(isinstance(entries, list), "downlink log is not a list")
+    log = []
+    for i, entry in enumerate(entries):
+        _require(
+            isinstance(entry, list) and len(entry) == 2, f"downlink log entry {i} is not [source, target]"
+        )
+        data = tensors[f"downlink.log.{i}"]
+        _require(data.dtype == torch.uint8 and data.dim() == 1, f"downlink log payload {i} is not bytes")
+        log.append(Broadcast(_version(entry[0]), _version(entry[1]), data.cpu().numpy().tobytes()))
+    replicas = head["replicas"]
+    _require(isinstance(replicas, dict), "downlink replicas is not a JSON object")
+    return Downlink(
+        public,
+        residual,
+        _version(head["version"]),
+        tuple(log),
+        MappingProxyType({str(label): _version(v) for label, v in replicas.items()}),
+    )
 
 
 def _require(ok: bool, message: str) -> None:

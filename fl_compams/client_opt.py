@@ -1,7 +1,8 @@
-"""Client-side optimizer of the QAdam baseline (Chen, Shen, Huang & Liu, "Quantized Adam with Error Feedback").
+"""Client-side optimizers: QAdam's local Adam and dist-EF-SGDM's Nesterov momentum (:class:`NesterovMomentum`).
 
-Each worker keeps its own Adam moments and sends its compressed *local Adam step*; the server averages the
-steps and applies them (``x <- x - mean_i Delta_i``; in this project: the ``sgd`` server optimizer with lr 1).
+QAdam (Chen, Shen, Huang & Liu, "Quantized Adam with Error Feedback"): each worker keeps its own Adam moments
+and sends its compressed *local Adam step*; the server averages the steps and applies them
+(``x <- x - mean_i Delta_i``; in this project: the ``sgd`` server optimizer with lr 1).
 COMP-AMS (Li et al., section 3.2) describes it as compressing "m/v as a whole", with error feedback on the step.
 
 The paper's exact choices are not confirmed (algorithms.md section 2), so they are explicit options with these
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LocalAdam", "LocalAdamState"]
+__all__ = ["LocalAdam", "LocalAdamState", "MomentumState", "NesterovMomentum"]
 
 
 class LocalAdamState(NamedTuple):
@@ -67,3 +68,40 @@ class LocalAdam:
             v_hat = v / (1.0 - self.beta2**t)
         denom = v_hat.add(self.eps).sqrt() if self.eps_inside_sqrt else v_hat.sqrt().add(self.eps)
         return m_hat.div(denom).mul_(self.lr), LocalAdamState(t, m, v)
+
+
+class MomentumState(NamedTuple):
+    """A worker's momentum buffer (``WorkerState.momentum``)."""
+
+    m: torch.Tensor
+
+
+@dataclass(frozen=True)
+class NesterovMomentum:
+    """The dist-EF-SGDM worker's Nesterov momentum (Zheng, Huang & Kwok, NeurIPS 2019, Algorithm 2).
+
+    ::
+
+        m = mu m + g
+        p = mu m + g        # sent (with the EF residual added) and compressed; the server steps -lr mean_i C(.)
+
+    ``momentum = 0`` gives ``p = g``: dist-EF-SGD. The paper's rescale of the residual by ``eta_{t-1} / eta_t``
+    is 1 here: the server learning rate is constant (no schedule exists in this code base), and with a varying
+    rate the same algorithm is obtained by keeping the residual in model units (``E_t = eta_{t-1} e_t``), which
+    the server's downlink residual already is (:mod:`fl_compams.downlink`).
+    """
+
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"nesterov momentum: momentum must be in [0, 1), got {self.momentum!r}")
+
+    def init(self, like: torch.Tensor) -> MomentumState:
+        """Zero buffer."""
+        return MomentumState(torch.zeros_like(like))
+
+    def step(self, g: torch.Tensor, state: MomentumState) -> tuple[torch.Tensor, MomentumState]:
+        """Return ``p = mu m' + g`` with ``m' = mu m + g``, and the new buffer."""
+        m = state.m * self.momentum + g
+        return m * self.momentum + g, MomentumState(m)

@@ -8,6 +8,7 @@ Layout (little endian)::
             TOPK/RANDK/MVSS  nnz u32 | indices | values[nnz]
             BLOCKSIGN  n_blocks u32 | block sizes u32[n_blocks] | scales f32[n_blocks] | signs ceil(dim/8)
             SIGNTOPK   nnz u32 | indices | scale f32 | signs ceil(nnz/8)
+            SIGN       scale f32 | signs ceil(dim/8)
             QSGD       levels u32 | bucket u32 | norms f32[n_buckets] | signs ceil(dim/8) | magnitudes
     indices  int32 coding:  u32[nnz], strictly increasing
              varint coding: n_bytes u32 | LEB128 varints of the gaps (i_0, i_1 - i_0 - 1, ...)

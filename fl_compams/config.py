@@ -21,9 +21,10 @@ from typing import Any
 
 from fl_compams.aggregate import WEIGHTINGS
 from fl_compams.algorithm import ALGORITHMS as COMPOSITIONS
-from fl_compams.algorithm import BOUND_MODES, Algorithm, ReplyBound
-from fl_compams.client_opt import LocalAdam
+from fl_compams.algorithm import BOUND_MODES, FLOWER_BASELINES, Algorithm, ReplyBound
+from fl_compams.client_opt import LocalAdam, NesterovMomentum
 from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
+from fl_compams.downlink import DownlinkPart
 from fl_compams.errors import ConfigError
 from fl_compams.qsparse import Qsparse, check_compressor, parse_periods
 from fl_compams.schema import (
@@ -173,8 +174,8 @@ _REST: tuple[Key, ...] = (
     key(
         "client-opt",
         "none",
-        choice(("none", "adam")),
-        "none = send gradients; adam = QAdam's local Adam steps",
+        choice(("none", "adam", "nesterov")),
+        "none = send gradients; adam = QAdam's local Adam steps; nesterov = dist-EF-SGDM's Nesterov momentum",
     ),
     key("client-beta1", 0.9, BETA, "QAdam: first-moment decay of the local Adam"),
     key("client-beta2", 0.999, BETA, "QAdam: second-moment decay of the local Adam"),
@@ -277,7 +278,35 @@ def schema() -> tuple[Key, ...]:
     )
     if clash:
         raise ValueError(f"compressor config keys {clash} clash with general run-config keys")
-    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST)
+    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST, *_two_way_keys(names))
+
+
+def _two_way_keys(names: tuple[str, ...]) -> tuple[Key, ...]:
+    """Two-way compression and dist-EF-SGDM (fl_compams.downlink, client_opt.NesterovMomentum)."""
+    return (
+        key(
+            "downlink-compressor",
+            "identity",
+            choice(names),
+            "server broadcast C_s with server EF; identity = the dense model (one-way)",
+            _S,
+        ),
+        key(
+            "downlink-ratio",
+            0.01,
+            UNIT_OPEN,
+            "k / d of a sparse downlink compressor (topk, randk, signtopk)",
+            _S,
+        ),
+        key(
+            "downlink-log",
+            8,
+            POS_INT,
+            "broadcasts the server keeps; a client further behind gets the dense model",
+            _S,
+        ),
+        key("client-momentum", 0.9, BETA, "Nesterov momentum mu of client-opt = nesterov (0 = dist-EF-SGD)"),
+    )
 
 
 def client_keys() -> tuple[str, ...]:
@@ -334,6 +363,9 @@ class ServerConfig:
     update_norm_window: int
     max_update_norm: float
     update_norm_action: str
+    downlink_compressor: str
+    downlink_ratio: float
+    downlink_log: int
 
 
 @dataclass(frozen=True)
@@ -353,6 +385,7 @@ class TrainConfig:
     deterministic: bool
     qsparse_async: bool
     qsparse_periods: str
+    client_momentum: float
 
 
 @dataclass(frozen=True)
@@ -491,6 +524,7 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
             f"update-norm-bound = {bound!r}; set update-norm-bound = 'fixed', or drop max-update-norm"
         )
     _check_qsparse(cfg)
+    _check_two_way(cfg, mapping, {k.name: k.default for k in keys})
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
@@ -527,6 +561,21 @@ def build_qsparse(cfg: ExperimentConfig) -> Qsparse | None:
     )
 
 
+def _check_two_way(cfg: ExperimentConfig, mapping: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Downlink compression needs the algorithm layer; client-momentum needs client-opt = nesterov."""
+    down = cfg.server.downlink_compressor
+    if down != "identity" and cfg.algorithm in FLOWER_BASELINES:
+        raise ConfigError(
+            f"config key 'downlink-compressor': {down!r} needs the algorithm layer; algorithm "
+            f"{cfg.algorithm!r} is Flower's own strategy and broadcasts the dense model (use 'identity')"
+        )
+    for name in ("downlink-ratio", "downlink-log"):
+        if down == "identity" and mapping.get(name, defaults[name]) != defaults[name]:
+            raise ConfigError(f"config key {name!r}: applies to a downlink-compressor other than 'identity'")
+    if cfg.train.client_opt != "nesterov" and cfg.train.client_momentum != defaults["client-momentum"]:
+        raise ConfigError("config key 'client-momentum': only applies to client-opt = 'nesterov'")
+
+
 def _apply_composition(mapping: dict[str, Any], defaults: Mapping[str, Any]) -> None:
     """Fill in the settings a named algorithm fixes; refuse an explicit value that contradicts one.
 
@@ -535,13 +584,15 @@ def _apply_composition(mapping: dict[str, Any], defaults: Mapping[str, Any]) -> 
     """
     name = mapping.get("algorithm", defaults["algorithm"])
     for name_of_key, value in COMPOSITIONS.get(name, {}).items():
+        allowed = value if isinstance(value, tuple) else (value,)
         given = mapping.get(name_of_key, defaults[name_of_key])
-        if given != defaults[name_of_key] and given != value:
+        if given != defaults[name_of_key] and given not in allowed:
+            fixed = f"one of {list(allowed)}" if len(allowed) > 1 else repr(value)
             raise ConfigError(
-                f"config key {name_of_key!r}: algorithm {name!r} fixes it to {value!r}, got {given!r}; drop the "
+                f"config key {name_of_key!r}: algorithm {name!r} fixes it to {fixed}, got {given!r}; drop the "
                 "key, or use algorithm = 'compams' and set the parts yourself"
             )
-        mapping[name_of_key] = value
+        mapping[name_of_key] = given if given in allowed else allowed[0]
 
 
 def default_config() -> ExperimentConfig:
@@ -554,10 +605,15 @@ def build_compressor(cfg: CompressorConfig, block_sizes: tuple[int, ...] | None 
     return compressor_class(cfg.compressor).from_config(cfg.params, block_sizes)
 
 
-def build_client_optimizer(cfg: TrainConfig) -> LocalAdam | None:
-    """QAdam's local Adam (``client-opt = "adam"``), or None when clients send plain gradients."""
+def build_client_optimizer(cfg: TrainConfig) -> LocalAdam | NesterovMomentum | None:
+    """QAdam's local Adam (``client-opt = "adam"``), dist-EF-SGDM's Nesterov momentum (``"nesterov"``), or None.
+
+    None: clients send plain gradients.
+    """
     if cfg.client_opt == "none":
         return None
+    if cfg.client_opt == "nesterov":
+        return NesterovMomentum(cfg.client_momentum)
     return LocalAdam(
         lr=cfg.local_lr,
         beta1=cfg.client_beta1,
@@ -586,7 +642,22 @@ def build_algorithm(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None =
         ),
         min_valid_replies=cfg.server.min_valid_replies,
         qsparse=build_qsparse(cfg),
+        downlink=build_downlink(cfg, block_sizes),
     )
+
+
+def build_downlink(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None = None) -> DownlinkPart | None:
+    """The server's broadcast compressor (``downlink-compressor``), or None for the dense model.
+
+    Built through the compressor registry with the uplink's compressor keys, except that a sparse compressor keeps
+    ``downlink-ratio`` of the coordinates; Block-Sign uses the model's per-layer blocks.
+    """
+    s = cfg.server
+    if s.downlink_compressor == "identity":
+        return None
+    values = {**cfg.compression.params, "topk-ratio": s.downlink_ratio, "topk-k": 0}
+    compressor = compressor_class(s.downlink_compressor).from_config(values, block_sizes)
+    return DownlinkPart(compressor, log_size=s.downlink_log, seed=cfg.seed)
 
 
 def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:

@@ -10,6 +10,7 @@ from typing import Any
 
 from fl_compams.algorithm import Outcome, Status
 from fl_compams.config import client_keys
+from fl_compams.downlink import Broadcast, DownInstruction, parse_version
 
 #: Global model (dense float32 tensors by name) in instructions; Flower's FedAvg default key.
 ARRAYS = "arrays"
@@ -94,6 +95,55 @@ def statuses_from_fields(fields: Mapping[str, Any]) -> tuple[Status, ...]:
             raise ValueError(f"instruction status factor must be in [0, 1], got {factor!r}")
         out.append(Status(rnd, Outcome(outcome), float(factor)))
     return tuple(out)
+
+
+# --- Two-way compression (design.md section 7; fl_compams.downlink).
+#: Instruction record (a ConfigRecord): the target version and either DOWN_DENSE = True (the public model is in
+#: ARRAYS: a resync) or the chain of broadcasts to apply, DOWN_SOURCES (versions) and DOWN_PAYLOADS (wire bytes).
+DOWNLINK = "downlink"
+DOWN_TARGET = "target"
+DOWN_DENSE = "dense"
+DOWN_SOURCES = "sources"
+DOWN_PAYLOADS = "payloads"
+#: Reply fields (in the PAYLOAD record): the replica version the client trained at, or, instead of a payload, why
+#: the client could not reach the target (it asks for the dense model and did not train).
+REPLICA = "replica"
+RESYNC = "resync"
+#: Client keys sent only when they differ from their default (clients fill in the default), so that a key for a
+#: new algorithm part leaves the default instruction's bytes unchanged.
+OPTIONAL_CLIENT_KEYS = ("client-momentum",)
+
+
+def downlink_to_fields(instruction: DownInstruction) -> dict[str, Any]:
+    """The :data:`DOWNLINK` record's fields for an instruction."""
+    if instruction.dense:
+        return {DOWN_TARGET: str(instruction.target), DOWN_DENSE: True}
+    return {
+        DOWN_TARGET: str(instruction.target),
+        DOWN_DENSE: False,
+        DOWN_SOURCES: [str(step.source) for step in instruction.steps],
+        DOWN_PAYLOADS: [step.payload for step in instruction.steps],
+    }
+
+
+def downlink_from_fields(fields: Mapping[str, Any]) -> DownInstruction:
+    """Parse the :data:`DOWNLINK` record; raise ValueError naming what is wrong."""
+    target = parse_version(fields.get(DOWN_TARGET))
+    dense = fields.get(DOWN_DENSE)
+    if not isinstance(dense, bool):
+        raise ValueError(f"downlink instruction: {DOWN_DENSE!r} must be true or false, got {dense!r}")
+    if dense:
+        return DownInstruction(target, dense=True)
+    sources, payloads = fields.get(DOWN_SOURCES, []), fields.get(DOWN_PAYLOADS, [])
+    if not (isinstance(sources, list) and isinstance(payloads, list) and len(sources) == len(payloads)):
+        raise ValueError("downlink instruction: sources and payloads must be two equally long lists")
+    if not all(isinstance(p, bytes) for p in payloads):
+        raise ValueError("downlink instruction: payloads must be bytes")
+    versions = [parse_version(s) for s in sources]
+    steps = tuple(
+        Broadcast(v, nxt, p) for v, nxt, p in zip(versions, [*versions[1:], target], payloads, strict=True)
+    )
+    return DownInstruction(target, steps)
 
 
 def derive_seed(seed: int, *parts: int) -> int:

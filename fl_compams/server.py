@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fl_compams.aggregate import weighted_mean
+from fl_compams.downlink import Downlink, init_downlink
 from fl_compams.payloads import Payload
 from fl_compams.server_opt import ServerOptimizer
 
@@ -35,11 +36,17 @@ class ServerState(NamedTuple):
     opt_state: Any
     unacked: Mapping[str, tuple] = MappingProxyType({})
     recent_norms: tuple[tuple[float, ...], ...] = ()
+    #: Two-way compression: public model, server residual, broadcast log, client replica versions (None = one-way).
+    downlink: Downlink | None = None
 
 
-def init_server_state(theta: torch.Tensor, optimizer: ServerOptimizer) -> ServerState:
-    """State before round 1: theta_1 and zero moments."""
-    return ServerState(0, theta.clone(), optimizer.init(theta))
+def init_server_state(
+    theta: torch.Tensor, optimizer: ServerOptimizer, *, two_way: bool = False
+) -> ServerState:
+    """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0)."""
+    return ServerState(
+        0, theta.clone(), optimizer.init(theta), downlink=init_downlink(theta) if two_way else None
+    )
 
 
 def apply_round(

@@ -24,7 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 from fl_compams import protocol
 from fl_compams.aggregate import aggregation_weights
 from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
-from fl_compams.config import ExperimentConfig
+from fl_compams.config import ExperimentConfig, default_config
+from fl_compams.downlink import forget
 from fl_compams.errors import PayloadError
 from fl_compams.flat import ParamSpec, unflatten
 from fl_compams.nodes import label_sort_key
@@ -101,8 +102,11 @@ class CompAMS(FedAvg):
     # ------------------------------------------------------------------------------------------ train
     def client_config(self) -> ConfigRecord:
         """The run-config keys clients need (compressor, local training, data), sent with every instruction."""
-        flat = self.config.to_flat()
-        return ConfigRecord({k: flat[k] for k in protocol.CLIENT_KEYS})
+        flat, default = self.config.to_flat(), default_config().to_flat()
+        optional = set(protocol.OPTIONAL_CLIENT_KEYS)
+        return ConfigRecord(
+            {k: flat[k] for k in protocol.CLIENT_KEYS if k not in optional or flat[k] != default[k]}
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -117,18 +121,31 @@ class CompAMS(FedAvg):
             grid, grid.get_node_ids(), self.config.server.round_timeout
         )  # new or restarted nodes
         random.seed(protocol.derive_seed(self.config.seed, rnd))
-        messages = []
+        messages, resyncs, theory_bits = [], 0, 0.0
         for m in super().configure_train(rnd, arrays, config, grid):
             node = m.metadata.dst_node_id
-            statuses = instruction_for(self.state, self.label(node), rnd).statuses
+            instruction = instruction_for(self.state, self.label(node), rnd)
+            statuses = instruction.statuses
+            content = m.content
+            if instruction.downlink is not None:  # two-way: the model only on a resync, else the broadcasts
+                content = RecordDict(
+                    {k: v for k, v in m.content.items() if k != protocol.ARRAYS or instruction.downlink.dense}
+                )
+                content[protocol.DOWNLINK] = ConfigRecord(protocol.downlink_to_fields(instruction.downlink))
+                resyncs += instruction.downlink.dense
+                theory_bits += self._downlink_theory_bits(instruction.downlink)
             if statuses:  # the model and settings records are shared objects, not copies
-                content = RecordDict({**m.content})
+                content = RecordDict({**content})
                 content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+            if content is not m.content:
                 m = Message(content=content, message_type=m.metadata.message_type, dst_node_id=node)
             messages.append(m)
         self._sent[rnd] = messages  # the Grid sets each one's message_id in place when it sends them
         traffic = RoundTraffic()
         traffic.record_instructions(messages, self.label)
+        if self.state.downlink is not None:
+            traffic.downlink_resyncs = resyncs
+            traffic.downlink_theory_bits = theory_bits
         self.traffic[rnd] = traffic
         return messages
 
@@ -139,12 +156,20 @@ class CompAMS(FedAvg):
         rnd = server_round + self.round_offset
         traffic = self.traffic.setdefault(rnd, RoundTraffic())
         valid: list[ValidReply] = []
+        resync: list[str] = []
         # For a node that left (a stopped or restarted SuperNode) the SuperLink itself answers, with an error
         # reply from node 1: find the node the instruction went to through reply_to_message_id.
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.pop(rnd, [])}
         for msg in replies:
             label = self.label(dst.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
             if not traffic.record_reply(label, msg):
+                continue
+            if (
+                self.state.downlink is not None
+                and (reason := validate.resync_request(msg.content)) is not None
+            ):
+                traffic.failures[label] = f"replica mismatch, dense model next time: {reason}"
+                resync.append(label)
                 continue
             try:
                 valid.append(self.parse_reply(msg, label, rnd))
@@ -154,6 +179,8 @@ class CompAMS(FedAvg):
         self.state, step = server_step(
             self.algorithm, self.state, rnd, [v.reply for v in valid], lost=traffic.lost()
         )
+        if resync:
+            self.state = self.state._replace(downlink=forget(self.state.downlink, resync))
         for v in valid:
             status = step.statuses[v.reply.label]
             if status.outcome == Outcome.REJECTED:
@@ -231,7 +258,8 @@ class CompAMS(FedAvg):
                 metrics.claimed,
                 n,
             )
-        reply = ServerReply(label, rnd, checked.payload, n, checked.acked)
+        replica = validate.replica_echo(msg.content) if self.state.downlink is not None else None
+        reply = ServerReply(label, rnd, checked.payload, n, checked.acked, replica)
         return ValidReply(reply, checked.payload_bytes, metrics.values, metrics.claimed)
 
     def summary(self) -> None:
@@ -257,12 +285,29 @@ class CompAMS(FedAvg):
             bound,
             a.min_valid_replies,
         )
+        down = a.downlink
+        log.info(
+            "\t├──> Downlink: %s",
+            "the dense model"
+            if down is None
+            else f"{type(down.compressor).__name__} with server EF, a log of {down.log_size} broadcasts",
+        )
         log.info("\t└──> Evaluation: central, on the server's test set (no federated evaluation round)")
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _downlink_theory_bits(self, instruction) -> float:
+        """Theory bits of a two-way instruction: 32 d for a resync, else C_s's formula per broadcast."""
+        if instruction.dense:
+            return 32.0 * self.spec.dim
+        return len(instruction.steps) * self.algorithm.downlink.compressor.theory_bits(self.spec.dim)
+
+    def public_model(self):
+        """The flat model clients hold: theta, or with two-way compression the public model (evaluated)."""
+        return self.state.theta if self.state.downlink is None else self.state.downlink.public
+
     def current_arrays(self) -> ArrayRecord:
-        """The global model as named dense tensors (what Flower broadcasts next round)."""
-        tensors = unflatten(self.state.theta.detach().cpu(), self.spec)
+        """The model clients hold as named dense tensors (what Flower broadcasts next round, what is evaluated)."""
+        tensors = unflatten(self.public_model().detach().cpu(), self.spec)
         return ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
 
     def _metrics(self, traffic: RoundTraffic) -> MetricRecord:

@@ -28,6 +28,7 @@ from fl_compams import protocol
 from fl_compams.algorithm import FLOWER_BASELINES
 from fl_compams.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from fl_compams.config import build_algorithm, parse_config
+from fl_compams.downlink import init_downlink
 from fl_compams.errors import ConfigError, PayloadError
 from fl_compams.flat import ParamSpec, flatten, unflatten
 from fl_compams.nodes import label_sort_key
@@ -78,7 +79,8 @@ def run_server(
     labels = names.labels  # one dict, updated when a node first appears (or returns) during the run
 
     checkpoints = run_dir / "checkpoints"
-    state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt)
+    two_way = algorithm.downlink is not None
+    state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt, two_way=two_way)
     totals = {"up": 0, "down": 0, "probe": 0}
     done = 0
     if cfg.output.resume:
@@ -126,7 +128,7 @@ def run_server(
         strategy.start(
             run_grid, initial_arrays=strategy.current_arrays(), train_config=ConfigRecord(), **start
         )
-    results.save_model(unflatten(strategy.state.theta.cpu(), spec))
+    results.save_model(unflatten(strategy.public_model().cpu(), spec))  # the model clients hold
     return results.path
 
 
@@ -263,6 +265,10 @@ def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):
             "config (only " + ", ".join(sorted(_RESUMABLE)) + " may change)"
         )
     log.info("resume: continuing after round %d from %s", saved.round, path)
+    if (saved.downlink is None) != (state.downlink is None):  # a checkpoint of a one-way run (version <= 3)
+        if state.downlink is None:
+            raise ConfigError(f"resume: {path} is of a two-way run; resume it with its downlink-compressor")
+        saved = saved._replace(downlink=init_downlink(saved.theta))  # every client gets the dense model first
     return saved, dict(extra["totals"]), saved.round
 
 

@@ -35,6 +35,9 @@ class RoundTraffic:
     residual_norm: float = math.nan
     #: Per client: bytes, payload size and the client's reported metrics (or its failure).
     per_client: dict[str, dict] = field(default_factory=dict)
+    #: Two-way compression: instructions that carried the dense model (None = one-way, every one does).
+    downlink_resyncs: int | None = None
+    downlink_theory_bits: float = 0.0
 
     def record_instructions(self, messages: Iterable[Message], label_of: Callable[[int], str]) -> None:
         """Downlink: the serialised size of every instruction (each distinct content measured once)."""
@@ -82,7 +85,16 @@ def traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[st
     totals["up"] += up
     totals["down"] += down
     ok = max(1, len(traffic.ok))
+    two_way = {}
+    if traffic.downlink_resyncs is not None:
+        sent = max(1, len(traffic.downlink_bytes))
+        two_way = {
+            "downlink_resyncs": traffic.downlink_resyncs,
+            "downlink_bytes_per_client": down / sent,
+            "downlink_theory_bytes_per_client": traffic.downlink_theory_bits / 8 / sent,
+        }
     return {
+        **two_way,
         "train_loss": traffic.train_loss,
         "uplink_bytes": up,
         "downlink_bytes": down,

@@ -40,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fl_compams import protocol
 from fl_compams.codec import from_bytes
+from fl_compams.downlink import Version, parse_version
 from fl_compams.errors import PayloadError
 from fl_compams.payloads import Payload
 from fl_compams.schema import PLAIN_NAME
@@ -198,6 +199,27 @@ def training_reply(
     )
     payload = from_bytes(data, dim, expected_kind=kind, block_sizes=block_sizes, device=device)
     return TrainingReply(payload, len(data), acked, metrics)
+
+
+def resync_request(content: RecordDict) -> str | None:
+    """Why a two-way client could not reach the public model, or None for an ordinary reply.
+
+    Such a client trained nothing and wants the dense model; the reason is a string (shortened).
+    """
+    record = content[protocol.PAYLOAD] if protocol.PAYLOAD in content else None
+    if not isinstance(record, ConfigRecord) or protocol.RESYNC not in record:
+        return None
+    reason = record[protocol.RESYNC]
+    return reason[:_SHOWN] if isinstance(reason, str) else _show(reason)
+
+
+def replica_echo(content: RecordDict) -> Version:
+    """The replica version a two-way reply says it trained at (a well-formed version; unknown ones get a resync)."""
+    record = _record(content, protocol.PAYLOAD, ConfigRecord)
+    try:
+        return parse_version(record.get(protocol.REPLICA))
+    except ValueError as err:
+        raise PayloadError(f"{protocol.REPLICA!r}: {err}") from None
 
 
 def dense_model_reply(

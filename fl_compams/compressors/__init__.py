@@ -21,6 +21,7 @@ from fl_compams.compressors.blocksign import BlockSign, BlockSignPayload
 from fl_compams.compressors.identity import DensePayload, Identity
 from fl_compams.compressors.qsgd import QSGD, QSGDPayload
 from fl_compams.compressors.qsgd_topk import QSGDTopK, QSGDTopKPayload
+from fl_compams.compressors.sign import Sign, SignPayload
 from fl_compams.compressors.signtopk import SignSparsePayload, SignTopK
 from fl_compams.compressors.sparse import MVSS, SPARSE_KINDS, RandK, SparsePayload, TopK
 
@@ -42,6 +43,8 @@ __all__ = [
     "QSGDTopK",
     "QSGDTopKPayload",
     "RandK",
+    "Sign",
+    "SignPayload",
     "SignSparsePayload",
     "SignTopK",
     "SparsePayload",

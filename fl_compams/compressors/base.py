@@ -57,6 +57,7 @@ class Kind(enum.IntEnum):
     QSGD = 6
     SIGNTOPK = 7
     QSGD_TOPK = 10  # fl_compams.compressors.qsgd_topk (10: clear of the numbers other new kinds take)
+    SIGN = 8
 
 
 VALUE_DTYPES = ("float32", "float16")

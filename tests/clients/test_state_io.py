@@ -5,7 +5,8 @@ from flwr.app import RecordDict
 
 from clients import state_io
 from fl_compams.algorithm import Pending, WorkerState
-from fl_compams.client_opt import LocalAdam
+from fl_compams.client_opt import LocalAdam, MomentumState
+from fl_compams.downlink import Version
 from fl_compams.qsparse import LocalChange
 
 CPU = torch.device("cpu")
@@ -20,7 +21,8 @@ def test_worker_state_round_trips_through_the_node_state():
     back = state_io.load_worker_state(state, 3, CPU)
     assert torch.equal(back.residual, worker.residual) and back.pending == worker.pending
     assert back.local_opt.step == 1 and torch.equal(back.local_opt.v, moments.v) and back.rounds == 4
-    assert state_io.state_bytes(back) == {"residual": 12, "pending": 3, "local_opt": 24, "local_change": 0}
+    sizes = {"residual": 12, "pending": 3, "local_opt": 24, "local_change": 0, "replica": 0, "momentum": 0}
+    assert state_io.state_bytes(back) == sizes
 
 
 def test_qsparse_local_change_round_trips_and_is_counted():
@@ -34,6 +36,23 @@ def test_qsparse_local_change_round_trips_and_is_counted():
     assert state_io.load_worker_state(state, 4, CPU).local_change is None  # another model size: dropped
     state_io.save_worker_state(state, back._replace(local_change=None))
     assert state_io.LOCAL_CHANGE_RECORD not in state
+
+
+def test_two_way_and_momentum_slots_round_trip_and_are_counted():
+    version = Version(5, "0123456789abcdef")
+    worker = WorkerState(
+        torch.ones(3), replica=torch.tensor([1.0, 2.0, 3.0]), replica_version=version,
+        momentum=MomentumState(torch.tensor([0.5, -0.5, 0.0])), rounds=2,
+    )  # fmt: skip
+    state = RecordDict()
+    state_io.save_worker_state(state, worker)
+    back = state_io.load_worker_state(state, 3, CPU)
+    assert torch.equal(back.replica, worker.replica) and back.replica_version == version
+    assert torch.equal(back.momentum.m, worker.momentum.m)
+    assert state_io.state_bytes(back)["replica"] == 12 and state_io.state_bytes(back)["momentum"] == 12
+    assert state_io.load_worker_state(state, 4, CPU).replica is None  # another model: the server resyncs
+    state_io.save_worker_state(state, WorkerState(torch.ones(3), rounds=3))
+    assert state_io.REPLICA_RECORD not in state and state_io.MOMENTUM_RECORD not in state
 
 
 def test_empty_slots_are_removed_and_other_model_sizes_start_fresh():

@@ -20,6 +20,7 @@ from fl_compams.algorithm import (
     worker_end,
 )
 from fl_compams.checkpoint import load_checkpoint, save_checkpoint
+from fl_compams.downlink import DownlinkPart, receive
 from fl_compams.error_feedback import ef_step
 from fl_compams.qsparse import Qsparse
 from fl_compams.server import init_server_state
@@ -61,11 +62,12 @@ BOUNDS = {
 }
 
 
-def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qsparse=None):
+def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qsparse=None, two_way=False):
     """Partial participation, lost instructions and replies, a bound that clips or rejects, rounds below
     min-valid-replies and a server restart from a checkpoint; return clients and the server's ledger.
 
     With ``qsparse`` (Qsparse-local-SGD) a client's updates are its local work in model units, eta H_r u.
+    ``two_way``: Block-Sign broadcasts (log of 3); each client brings its replica to the public model first.
     """
     algo = Algorithm(
         "compams" if qsparse is None else "qsparse",
@@ -74,13 +76,14 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qs
         bound=BOUNDS[bound](action),
         min_valid_replies=2,
         qsparse=qsparse,
+        downlink=DownlinkPart(compressor("blocksign"), log_size=3) if two_way else None,
     )
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     clients = [Client(f"partition-{i}") for i in range(6)]
     applied = {c.label: torch.zeros(DIM, dtype=torch.float64) for c in clients}
     removed = {c.label: torch.zeros(DIM, dtype=torch.float64) for c in clients}
-    state = init_server_state(torch.zeros(DIM), algo.server_opt)
+    state = init_server_state(torch.zeros(DIM), algo.server_opt, two_way=two_way)
     seen = {o: 0 for o in Outcome}
     for rnd in range(1, rounds + 1):
         if rnd == rounds // 2:  # server restart: everything it knows comes back from the checkpoint
@@ -92,7 +95,16 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qs
             if fate < 0.1:  # the instruction never arrives: the client does nothing this round
                 lost.append(c.label)
                 continue
-            c.state, _ = worker_begin(algo, c.state, instruction_for(state, c.label, rnd), dim=DIM)
+            instruction = instruction_for(state, c.label, rnd)
+            version = None
+            if two_way:
+                dense = state.downlink.public if instruction.downlink.dense else None
+                replica, version = receive(
+                    c.state.replica, c.state.replica_version, instruction.downlink, dense, dim=DIM
+                )
+                assert torch.equal(replica, state.downlink.public)
+                c.state = c.state._replace(replica=replica, replica_version=version)
+            c.state, _ = worker_begin(algo, c.state, instruction, dim=DIM)
             scale = 3.0 if rng.random() < 0.3 else 0.5  # some updates exceed the bound
             update = torch.randn(DIM, generator=gen) * scale
             steps = 1 if qsparse is None else qsparse.period(int(c.label.split("-")[1]))
@@ -104,7 +116,7 @@ def run_with_faults(name, action, tmp_path, rounds=40, seed=0, bound="fixed", qs
             payload = from_bytes(reply.payload, DIM)
             sent[c.label] = payload.decode().double()
             acked = max((s.round for s in instruction_for(state, c.label, rnd).statuses), default=-1)
-            replies.append(ServerReply(c.label, rnd, payload, 10, acked))
+            replies.append(ServerReply(c.label, rnd, payload, 10, acked, version))
         state, report = server_step(algo, state, rnd, replies, lost)
         for label, status in report.statuses.items():
             seen[status.outcome] += 1
@@ -148,6 +160,17 @@ def test_ef_identity_holds_under_faults_for_qsparse(name, asynchronous, tmp_path
         total = applied[c.label] + removed[c.label] + c.residual().double() + c.unsent().double()
         err = float((total - c.updates).norm())
         assert err <= 1e-5 * float(c.updates.norm()), (c.label, err)
+
+
+@pytest.mark.parametrize("name", ["topk", "blocksign"])
+def test_ef_identity_holds_with_two_way_compression(name, tmp_path):
+    # Replicas, the broadcast log and dense resyncs (the restart reloads the downlink slot from the checkpoint).
+    clients, applied, removed, seen = run_with_faults(name, "reject", tmp_path, two_way=True)
+    assert seen[Outcome.LOST] > 5 and seen[Outcome.APPLIED] > 20 and seen[Outcome.REJECTED] > 3
+    for c in clients:
+        assert c.state.pending is None
+        total = applied[c.label] + removed[c.label] + c.residual().double()
+        assert float((total - c.updates).norm()) <= 1e-5 * float(c.updates.norm()), c.label
 
 
 def test_without_acknowledgement_a_lost_reply_would_be_gone():

@@ -275,6 +275,7 @@ def test_registry_builds_every_compressor_and_rejects_unknown():
         "qsgd",
         "signtopk",
         "qsgd-topk",
+        "sign",
     }
     assert isinstance(make_compressor("topk", ratio=0.1), TopK)
     with pytest.raises(ValueError, match="unknown compressor 'top-k'"):

@@ -128,5 +128,5 @@ def test_client_keys_are_derived_from_the_schema():
         "eps", "server-momentum", "nesterov", "weighting", "max-num-examples", "round-timeout", "min-valid-replies",
         "update-norm-bound", "update-norm-multiplier", "update-norm-window", "max-update-norm",
         "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
-        "out-dir",
+        "out-dir", "downlink-compressor", "downlink-ratio", "downlink-log",
     }  # fmt: skip

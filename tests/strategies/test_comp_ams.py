@@ -179,7 +179,9 @@ def test_configure_train_sends_client_settings_and_measures_downlink():
     assert len(messages) == 2
     config = messages[0].content[protocol.CONFIG]
     assert config["compressor"] == "blocksign" and config["server-round"] == 3
-    assert set(protocol.CLIENT_KEYS) <= set(config.keys())
+    assert set(protocol.CLIENT_KEYS) - set(protocol.OPTIONAL_CLIENT_KEYS) == set(config.keys()) - {
+        "server-round"
+    }
     size = wire_bytes(messages[0].content)
     assert strategy.traffic[3].downlink_bytes == {f"node-{m.metadata.dst_node_id}": size for m in messages}
     assert size > 4 * SPEC.dim
@@ -337,3 +339,47 @@ def test_blocksign_payload_must_have_the_models_block_layout():
     assert "block layout: expected the model's 2 blocks, got 25 blocks" in traffic.failures["node-2"]
     assert "block layout: block 0 must have the model's size 20, got 5" in traffic.failures["node-3"]
     assert "block layout: expected the model's 2 blocks, got 1 blocks" in traffic.failures["node-4"]
+
+
+# ------------------------------------------------------------------------------------------ two-way compression
+def two_way_reply(node, data, version):
+    msg = reply(node, data)
+    msg.content[protocol.PAYLOAD][protocol.REPLICA] = version
+    return msg
+
+
+def test_two_way_sends_broadcasts_to_known_replicas_and_the_dense_model_otherwise():
+    strategy, theta0 = make_strategy(**{"downlink-compressor": "blocksign", "topk-k": 3})
+    strategy.state = init_server_state(theta0, strategy.algorithm.server_opt, two_way=True)
+    grid = FakeGrid([1, 2, 3, 4])
+    first = list(strategy.configure_train(1, strategy.current_arrays(), ConfigRecord(), grid))
+    assert all(protocol.ARRAYS in m.content for m in first) and strategy.traffic[1].downlink_resyncs == 4
+    strategy._sent.pop(1)  # the fake grid never sent them (no message ids to map replies back)
+    v0 = str(strategy.state.downlink.version)
+    data = [to_bytes(strategy.compressor.encode(x)) for x in updates(2, 3)]
+    resync = Message(
+        RecordDict(
+            {protocol.PAYLOAD: ConfigRecord({protocol.REPLY_ROUND: 1, protocol.RESYNC: "no replica"})}
+        ),
+        reply_to=instruction(4),
+    )
+    bad_echo = two_way_reply(3, data[2], "not-a-version")
+    strategy.aggregate_train(
+        1, [two_way_reply(1, data[0], v0), two_way_reply(2, data[1], v0), bad_echo, resync]
+    )
+    traffic = strategy.traffic[1]
+    assert "replica mismatch" in traffic.failures["node-4"] and "'replica'" in traffic.failures["node-3"]
+    down = strategy.state.downlink
+    assert down.version.round == 1 and set(down.replicas) == {"node-1", "node-2"}
+    sd = strategy.current_arrays().to_torch_state_dict()  # what clients hold (and what is evaluated)
+    assert torch.equal(torch.cat([sd["w"].reshape(-1), sd["b"]]), down.public)
+    assert not torch.equal(down.public, strategy.state.theta)
+    second = list(strategy.configure_train(2, strategy.current_arrays(), ConfigRecord(), grid))
+    dense = {m.metadata.dst_node_id: protocol.ARRAYS in m.content for m in second}
+    assert dense == {1: False, 2: False, 3: True, 4: True} and strategy.traffic[2].downlink_resyncs == 2
+    node1 = next(m for m in second if m.metadata.dst_node_id == 1)
+    chain = protocol.downlink_from_fields(dict(node1.content[protocol.DOWNLINK]))
+    assert [str(s.source) for s in chain.steps] == [v0] and chain.target == down.version
+    assert strategy.traffic[2].downlink_theory_bits == 2 * 32 * SPEC.dim + 2 * (SPEC.dim + 2 * 32)
+    sizes = strategy.traffic[2].downlink_bytes
+    assert sizes["node-1"] < sizes["node-3"] - 4 * SPEC.dim
