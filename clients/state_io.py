@@ -1,7 +1,8 @@
 """Client state in Flower's ``context.state``: the worker state of the algorithm layer, slot by slot.
 
 Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
-arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``) and the rounds counter.
+arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``), LAQ's last upload, error norms
+and clock (``laq``) and the rounds counter.
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -28,6 +29,7 @@ from clients import persist
 from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdamState
+from fl_compams.laq import LazyWorker
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ RESIDUAL_RECORD = "ef"
 RESIDUAL_KEY = "residual"
 PENDING_RECORD = "pending"
 ADAM_RECORD = "qadam"
+LAZY_RECORD = "laq"
 COUNTERS_RECORD = "counters"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
@@ -58,7 +61,8 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
         arr = state[RESIDUAL_RECORD][RESIDUAL_KEY].numpy()
         if arr.shape == (dim,):
             residual = _tensor(arr, np.float32, device)
-    if PENDING_RECORD in state and residual is not None:
+    lazy = _load_lazy(state, dim, device)
+    if PENDING_RECORD in state and (residual is not None or lazy is not None):
         rec = state[PENDING_RECORD]
         pending = Pending(int(rec["round"].numpy()[0]), rec["payload"].numpy().astype(np.uint8).tobytes())
     if ADAM_RECORD in state:
@@ -68,13 +72,28 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
             step = int(rec["step"].numpy()[0])
             local = LocalAdamState(step, _tensor(m, np.float32, device), _tensor(v, np.float32, device))
     rounds = int(state[COUNTERS_RECORD][ROUNDS_KEY]) if COUNTERS_RECORD in state else 0
-    return WorkerState(residual=residual, pending=pending, local_opt=local, rounds=rounds)
+    return WorkerState(residual=residual, pending=pending, local_opt=local, rounds=rounds, lazy=lazy)
+
+
+def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker | None:
+    """LAQ's slot: last applied upload (absent = zeros), error norms, history term, clock."""
+    if LAZY_RECORD not in state:
+        return None
+    rec = state[LAZY_RECORD]
+    q = None
+    if "q" in rec:
+        arr = rec["q"].numpy()
+        if arr.shape != (dim,):
+            return None  # another model: start fresh
+        q = _tensor(arr, np.float32, device)
+    eps_hat, threshold, sent_eps = (float(v) for v in rec["scalars"].numpy())
+    return LazyWorker(q, eps_hat, int(rec["clock"].numpy()[0]), threshold, sent_eps)
 
 
 def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
-    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD):
+    for record in (RESIDUAL_RECORD, PENDING_RECORD, ADAM_RECORD, LAZY_RECORD):
         if record in state:
             del state[record]
     if worker.residual is not None:
@@ -94,6 +113,15 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
                 "step": Array(np.array([worker.local_opt.step], dtype=np.int64)),
             }
         )
+    if worker.lazy is not None:
+        lz = worker.lazy
+        arrays = {
+            "scalars": Array(np.array([lz.eps_hat, lz.threshold, lz.sent_eps], dtype=np.float64)),
+            "clock": Array(np.array([lz.clock], dtype=np.int64)),
+        }
+        if lz.q is not None:
+            arrays["q"] = as_array(lz.q)
+        state[LAZY_RECORD] = ArrayRecord(arrays)
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
@@ -105,7 +133,11 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
         else 0,
         "pending": len(worker.pending.payload) if worker.pending is not None else 0,
         "local_opt": 0,
+        "lazy": 0,
     }
+    if worker.lazy is not None:  # last upload (d floats) + 3 float64 + the clock
+        q = worker.lazy.q
+        sizes["lazy"] = (q.numel() * q.element_size() if q is not None else 0) + 4 * 8
     if worker.local_opt is not None:
         sizes["local_opt"] = sum(
             t.numel() * t.element_size() for t in (worker.local_opt.m, worker.local_opt.v)

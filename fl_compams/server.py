@@ -35,6 +35,8 @@ class ServerState(NamedTuple):
     opt_state: Any
     unacked: Mapping[str, tuple] = MappingProxyType({})
     recent_norms: tuple[tuple[float, ...], ...] = ()
+    #: LAQ's aggregate, per-client last uploads and contacts, recent model changes (:class:`fl_compams.laq.LazyServer`).
+    lazy: Any = None
 
 
 def init_server_state(theta: torch.Tensor, optimizer: ServerOptimizer) -> ServerState:

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_compams import protocol
+from fl_compams import laq, protocol
 from fl_compams.aggregate import aggregation_weights
 from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
 from fl_compams.config import ExperimentConfig
@@ -120,10 +120,19 @@ class CompAMS(FedAvg):
         messages = []
         for m in super().configure_train(rnd, arrays, config, grid):
             node = m.metadata.dst_node_id
-            statuses = instruction_for(self.state, self.label(node), rnd).statuses
-            if statuses:  # the model and settings records are shared objects, not copies
+            instruction = instruction_for(self.state, self.label(node), rnd, self.algorithm)
+            statuses = instruction.statuses
+            if statuses or instruction.lazy:  # the model and settings records are shared objects, not copies
                 content = RecordDict({**m.content})
-                content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+                if statuses:
+                    content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+                if instruction.lazy:
+                    content[protocol.LAZY] = ConfigRecord(
+                        {
+                            protocol.LAZY_THRESHOLD: float(instruction.lazy.threshold),
+                            protocol.LAZY_RESET: bool(instruction.lazy.reset),
+                        }
+                    )
                 m = Message(content=content, message_type=m.metadata.message_type, dst_node_id=node)
             messages.append(m)
         self._sent[rnd] = messages  # the Grid sets each one's message_id in place when it sends them
@@ -154,7 +163,13 @@ class CompAMS(FedAvg):
         self.state, step = server_step(
             self.algorithm, self.state, rnd, [v.reply for v in valid], lost=traffic.lost()
         )
+        for label, reason in step.expired.items():
+            log.warning("round %d: %s expired from LAQ's aggregate: %s", rnd, label, reason)
+        if self.algorithm.lazy is not None:
+            traffic.skipped = list(step.skipped)
         for v in valid:
+            if v.reply.payload is None:  # a skip: no status
+                continue
             status = step.statuses[v.reply.label]
             if status.outcome == Outcome.REJECTED:
                 traffic.failures[v.reply.label] = (
@@ -184,6 +199,8 @@ class CompAMS(FedAvg):
                 row.setdefault(key.replace("-", "_"), value)
             if v.claimed_examples != v.reply.num_examples:
                 row["num_examples_claimed"] = v.claimed_examples
+            if v.reply.payload is None:
+                row["skipped"] = True
             traffic.per_client[label] = row
         traffic.per_client = sorted_by_label(traffic.per_client)
         traffic.ok = [v.reply.label for v in ok]
@@ -197,7 +214,9 @@ class CompAMS(FedAvg):
             )
             return None, self._metrics(traffic)
         traffic.applied = True
-        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(ok)
+        skips = sum(v.reply.payload is None for v in ok)
+        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * (len(ok) - skips)
+        traffic.uplink_theory_bits += laq.SKIP_BITS * skips
         traffic.train_loss = _mean(self.algorithm.weighting, ok, protocol.TRAIN_LOSS)
         traffic.residual_norm = sum(v.metrics.get(protocol.RESIDUAL_NORM, 0.0) for v in ok) / len(ok)
         return self.current_arrays(), self._metrics(traffic)
@@ -213,6 +232,7 @@ class CompAMS(FedAvg):
             device=self.state.theta.device,
             weighted=self.config.server.weighting == "num-examples",
             max_num_examples=self.config.server.max_num_examples,
+            can_skip=self.algorithm.lazy is not None,
         )
         metrics = checked.metrics
         if metrics.dropped:
@@ -271,6 +291,7 @@ class CompAMS(FedAvg):
                 "clients-ok": len(traffic.ok),
                 "clients-failed": len(traffic.failures),
                 "clients-clipped": len(traffic.clipped),
+                **({"clients-skipped": len(traffic.skipped)} if traffic.skipped is not None else {}),
                 "update-applied": int(traffic.applied),
                 "uplink-bytes": int(sum(traffic.uplink_bytes.values())),
                 "downlink-bytes": int(sum(traffic.downlink_bytes.values())),

@@ -19,6 +19,7 @@ from fl_compams.compressors.base import (
 )
 from fl_compams.compressors.blocksign import BlockSign, BlockSignPayload
 from fl_compams.compressors.identity import DensePayload, Identity
+from fl_compams.compressors.laq import LAQPayload, LAQQuantizer
 from fl_compams.compressors.qsgd import QSGD, QSGDPayload
 from fl_compams.compressors.signtopk import SignSparsePayload, SignTopK
 from fl_compams.compressors.sparse import MVSS, SPARSE_KINDS, RandK, SparsePayload, TopK
@@ -36,6 +37,8 @@ __all__ = [
     "DensePayload",
     "Identity",
     "Kind",
+    "LAQPayload",
+    "LAQQuantizer",
     "Payload",
     "QSGDPayload",
     "RandK",

@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     MVSS = 5
     QSGD = 6
     SIGNTOPK = 7
+    LAQ = 16  # fl_compams.compressors.laq (16: clear of the numbers other new kinds take next)
 
 
 VALUE_DTYPES = ("float32", "float16")

@@ -19,7 +19,7 @@ def test_worker_state_round_trips_through_the_node_state():
     back = state_io.load_worker_state(state, 3, CPU)
     assert torch.equal(back.residual, worker.residual) and back.pending == worker.pending
     assert back.local_opt.step == 1 and torch.equal(back.local_opt.v, moments.v) and back.rounds == 4
-    assert state_io.state_bytes(back) == {"residual": 12, "pending": 3, "local_opt": 24}
+    assert state_io.state_bytes(back) == {"residual": 12, "pending": 3, "local_opt": 24, "lazy": 0}
 
 
 def test_empty_slots_are_removed_and_other_model_sizes_start_fresh():

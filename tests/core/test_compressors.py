@@ -251,7 +251,7 @@ def test_random_compressors_are_reproducible_for_a_seed():
 
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_builds_every_compressor_and_rejects_unknown():
-    assert set(COMPRESSORS) == {"identity", "topk", "blocksign", "randk", "mvss", "qsgd", "signtopk"}
+    assert set(COMPRESSORS) == {"identity", "topk", "blocksign", "randk", "mvss", "qsgd", "signtopk", "laq"}
     assert isinstance(make_compressor("topk", ratio=0.1), TopK)
     with pytest.raises(ValueError, match="unknown compressor 'top-k'"):
         make_compressor("top-k")
