@@ -28,6 +28,7 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -174,7 +175,7 @@ class StepReport(NamedTuple):
     bound: float = math.inf
     #: LAQ: labels that skipped this round, and workers expired from the aggregate with the reason.
     skipped: tuple[str, ...] = ()
-    expired: Mapping[str, str] = {}
+    expired: Mapping[str, str] = MappingProxyType({})
 
 
 # ----------------------------------------------------------------------------------------------- parts

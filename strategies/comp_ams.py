@@ -270,6 +270,15 @@ class CompAMS(FedAvg):
             "on (acknowledged)" if a.error_feedback else "off",
             ", local Adam (QAdam)" if a.local_opt is not None else "",
         )
+        if a.lazy is not None:
+            log.info(
+                "\t├──> LAQ: skip rule xi %g over D = %d changes, t-bar %d, expiry after %d silent rounds%s",
+                a.lazy.xi,
+                a.lazy.history,
+                a.lazy.max_skip,
+                a.lazy.expire_rounds,
+                ", SLAQ threshold" if a.lazy.stochastic else "",
+            )
         log.info(
             "\t├──> Server: %s, replies averaged %s, bound %s, min-valid-replies %d",
             type(a.server_opt).__name__,
