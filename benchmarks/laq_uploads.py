@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--stochastic", action="store_true", help="SLAQ (batch-size minibatches)")
     parser.add_argument("--model", default="auto")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--max-skip", type=int, default=100, help="t-bar")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.93, 0.95, 0.96])
     args = parser.parse_args()
     torch.set_num_threads(1)  # a shared machine: one thread is faster than contended ones
@@ -102,6 +103,7 @@ def main() -> None:
         "model": args.model,
         "laq-bits": args.bits,
         "laq-stochastic": args.stochastic,
+        "laq-max-skip": args.max_skip,
     }
     for seed in args.seeds:
         out = {}

@@ -19,6 +19,9 @@ Hence, per worker and with EF on, exactly (up to float rounding)::
 
     sum(applied on its behalf) + sum(removed by policy) + residual = sum(its updates)
 
+**LAQ** (``Algorithm.lazy``, :mod:`fl_compams.laq`): the same four steps with a skip rule on the worker and the
+innovation sum on the server (the section at the end of this module); an upload is committed on ``APPLIED``.
+
 Flower glue (``clients/``, ``strategies/``) only moves these values in and out of records.
 """
 

@@ -94,7 +94,10 @@ class LAQQuantizer(Compressor):
             "laq-bits",
             4,
             ((lambda v: 1 <= v <= MAX_BITS), f"an integer in [1, {MAX_BITS}]"),
-            "LAQ: bits b per coordinate of the quantized innovation",
+            (
+                "LAQ: bits b per coordinate of the quantized innovation (4 as the paper; the digits CNN needs 8, "
+                "else the 3||eps||^2 term of the skip rule dwarfs every innovation)"
+            ),
         ),
     )
 
