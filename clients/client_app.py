@@ -14,6 +14,8 @@ under the run's ``out-dir`` and ``run-name`` from the run config), see :mod:`cli
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,6 +26,7 @@ from fl_compams.algorithm import FLOWER_BASELINES, Instruction, worker_begin, wo
 from fl_compams.config import ExperimentConfig, build_algorithm, parse_config
 from fl_compams.downlink import ReplicaMismatch, receive
 from fl_compams.flat import ParamSpec, flatten, unflatten
+from fl_compams.laq import LazyInstruction
 from tasks.local_data import node_data
 from tasks.task import model_for_task, resolve_device, task_shape
 from tasks.training import evaluate, full_gradient, local_update
@@ -73,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     # node config state-dir: a restarted SuperNode, or the first round of a resumed run
     state_io.restore_from_disk(context, spec.dim, server_round=server_round)
     worker = state_io.load_worker_state(context.state, spec.dim, device)
-    instruction = Instruction(server_round, _statuses(msg), _downlink(msg))
+    instruction = Instruction(server_round, _statuses(msg), _downlink(msg), _lazy(msg))
     if instruction.downlink is not None:  # two-way: bring the replica to the public model and train there
         try:
             worker = _receive(msg, worker, instruction.downlink, spec, device)
@@ -110,13 +113,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     if worker.replica_version is not None and instruction.downlink is not None:
         record[protocol.REPLICA] = str(worker.replica_version)  # the version it trained at
+    if reply.skip:  # LAQ: a skip is this flag and an empty payload
+        record[protocol.SKIP] = True
     return Message(
         RecordDict({protocol.PAYLOAD: record, protocol.METRICS: MetricRecord(metrics)}), reply_to=msg
     )
 
 
 def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x, y, model, steps: int):
-    """The one local-training loop, with this node's seeded minibatches and dropout masks."""
+    """The one local-training loop, with this node's seeded minibatches and dropout masks.
+
+    Deterministic LAQ (``laq-stochastic = false``) takes the gradient of the whole local data set.
+    """
+    full_batch = cfg.algorithm == "laq" and not cfg.laq.laq_stochastic
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 1))  # dropout masks
         return local_update(
@@ -125,7 +134,7 @@ def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x,
             y,
             steps=steps,
             lr=cfg.train.local_lr,
-            batch_size=cfg.train.batch_size,
+            batch_size=int(x.shape[0]) if full_batch else cfg.train.batch_size,
             generator=_generator(cfg, pid, server_round, 0),
         )
 
@@ -153,6 +162,22 @@ def _statuses(msg: Message) -> tuple:
     if protocol.STATUSES not in msg.content:
         return ()
     return protocol.statuses_from_fields(dict(msg.content[protocol.STATUSES]))
+
+
+def _lazy(msg: Message):
+    """LAQ's part of the instruction (the skip rule's history term, the reset flag), if sent."""
+    if protocol.LAZY not in msg.content:
+        return None
+    record = msg.content[protocol.LAZY]
+    threshold, reset = record.get(protocol.LAZY_THRESHOLD), record.get(protocol.LAZY_RESET)
+    if (
+        not isinstance(threshold, float)
+        or not math.isfinite(threshold)
+        or threshold < 0
+        or not isinstance(reset, bool)
+    ):
+        raise ValueError(f"instruction {protocol.LAZY!r} record is malformed: {dict(record)}")
+    return LazyInstruction(threshold, reset)
 
 
 @app.evaluate()

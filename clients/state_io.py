@@ -2,9 +2,9 @@
 
 Slots (:class:`fl_compams.algorithm.WorkerState`): the EF residual (``ef``), the reply whose status has not
 arrived yet (``pending``: its round and wire bytes), QAdam's local moments (``qadam``), asynchronous Qsparse's
-unsent local work (``qsparse``: the change, its round and steps), the rounds counter, and with two-way
-compression the public model the node holds and its version (``replica``), dist-EF-SGDM's momentum
-(``momentum``).
+unsent local work (``qsparse``: the change, its round and steps), LAQ's last upload, error norms and clock
+(``laq``), the rounds counter, and with two-way compression the public model the node holds and its version
+(``replica``), dist-EF-SGDM's momentum (``momentum``).
 
 State lives only here (never in module globals or actor attributes: Ray reuses processes across virtual
 clients, and deployment starts a new process per message). With the node config key ``state-dir`` it is also
@@ -32,6 +32,7 @@ from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdamState, MomentumState
 from fl_compams.downlink import Version
+from fl_compams.laq import LazyWorker
 from fl_compams.qsparse import LocalChange
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ RESIDUAL_KEY = "residual"
 PENDING_RECORD = "pending"
 ADAM_RECORD = "qadam"
 LOCAL_CHANGE_RECORD = "qsparse"
+LAZY_RECORD = "laq"
 COUNTERS_RECORD = "counters"
 #: Two-way compression: the public model the node holds and its version; dist-EF-SGDM's momentum buffer.
 REPLICA_RECORD = "replica"
@@ -67,7 +69,8 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
         arr = state[RESIDUAL_RECORD][RESIDUAL_KEY].numpy()
         if arr.shape == (dim,):
             residual = _tensor(arr, np.float32, device)
-    if PENDING_RECORD in state and residual is not None:
+    lazy = _load_lazy(state, dim, device)
+    if PENDING_RECORD in state and (residual is not None or lazy is not None):
         rec = state[PENDING_RECORD]
         pending = Pending(int(rec["round"].numpy()[0]), rec["payload"].numpy().astype(np.uint8).tobytes())
     if ADAM_RECORD in state:
@@ -100,6 +103,7 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
         replica=replica,
         replica_version=version,
         momentum=momentum,
+        lazy=lazy,
     )
 
 
@@ -117,6 +121,21 @@ def _load_replica(
     return _tensor(model, np.float32, device), Version(int(rec["round"].numpy()[0]), digest)
 
 
+def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker | None:
+    """LAQ's slot: last applied upload (absent = zeros), error norms, history term, clock."""
+    if LAZY_RECORD not in state:
+        return None
+    rec = state[LAZY_RECORD]
+    q = None
+    if "q" in rec:
+        arr = rec["q"].numpy()
+        if arr.shape != (dim,):
+            return None  # another model: start fresh
+        q = _tensor(arr, np.float32, device)
+    eps_hat, threshold, sent_eps = (float(v) for v in rec["scalars"].numpy())
+    return LazyWorker(q, eps_hat, int(rec["clock"].numpy()[0]), threshold, sent_eps)
+
+
 def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
@@ -127,6 +146,7 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
         LOCAL_CHANGE_RECORD,
         REPLICA_RECORD,
         MOMENTUM_RECORD,
+        LAZY_RECORD,
     ):
         if record in state:
             del state[record]
@@ -167,6 +187,15 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
         )
     if worker.momentum is not None:
         state[MOMENTUM_RECORD] = ArrayRecord({"m": as_array(worker.momentum.m)})
+    if worker.lazy is not None:
+        lz = worker.lazy
+        arrays = {
+            "scalars": Array(np.array([lz.eps_hat, lz.threshold, lz.sent_eps], dtype=np.float64)),
+            "clock": Array(np.array([lz.clock], dtype=np.int64)),
+        }
+        if lz.q is not None:
+            arrays["q"] = as_array(lz.q)
+        state[LAZY_RECORD] = ArrayRecord(arrays)
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
@@ -187,7 +216,11 @@ def state_bytes(worker: WorkerState) -> dict[str, int]:
         "momentum": worker.momentum.m.numel() * worker.momentum.m.element_size()
         if worker.momentum is not None
         else 0,
+        "lazy": 0,
     }
+    if worker.lazy is not None:  # last upload (d floats) + 3 float64 + the clock
+        q = worker.lazy.q
+        sizes["lazy"] = (q.numel() * q.element_size() if q is not None else 0) + 4 * 8
     if worker.local_opt is not None:
         sizes["local_opt"] = sum(
             t.numel() * t.element_size() for t in (worker.local_opt.m, worker.local_opt.v)

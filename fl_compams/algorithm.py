@@ -19,6 +19,9 @@ Hence, per worker and with EF on, exactly (up to float rounding)::
 
     sum(applied on its behalf) + sum(removed by policy) + residual = sum(its updates)
 
+**LAQ** (``Algorithm.lazy``, :mod:`fl_compams.laq`): the same four steps with a skip rule on the worker and the
+innovation sum on the server (the section at the end of this module); an upload is committed on ``APPLIED``.
+
 Flower glue (``clients/``, ``strategies/``) only moves these values in and out of records.
 """
 
@@ -28,16 +31,19 @@ import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 
 from fl_compams import downlink as two_way
+from fl_compams import laq
 from fl_compams.aggregate import WEIGHTINGS, aggregation_weights
 from fl_compams.client_opt import LocalAdam, LocalAdamState, MomentumState, NesterovMomentum
 from fl_compams.codec import from_bytes, to_bytes
 from fl_compams.compressors import Compressor
 from fl_compams.error_feedback import ef_step
+from fl_compams.laq import LazyConfig, LazyInstruction, LazyWorker
 from fl_compams.nodes import label_sort_key
 from fl_compams.payloads import Payload
 from fl_compams.qsparse import LocalChange, Qsparse
@@ -100,6 +106,8 @@ class Instruction(NamedTuple):
     statuses: tuple[Status, ...] = ()
     #: Two-way compression: the broadcasts since the client's replica version, or a dense resync (None = one-way).
     downlink: two_way.DownInstruction | None = None
+    #: LAQ: the round's history term and the reset flag (:mod:`fl_compams.laq`).
+    lazy: LazyInstruction | None = None
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -128,6 +136,8 @@ class WorkerState(NamedTuple):
     replica_version: two_way.Version | None = None
     #: Nesterov momentum buffer (dist-EF-SGDM).
     momentum: MomentumState | None = None
+    #: LAQ: last applied upload, its error, the clock (:class:`fl_compams.laq.LazyWorker`).
+    lazy: LazyWorker | None = None
 
 
 class BeginReport(NamedTuple):
@@ -149,14 +159,19 @@ class WorkerReply(NamedTuple):
     round: int
     payload: bytes
     acked: int
+    #: LAQ: the worker skipped (``payload`` is empty).
+    skip: bool = False
 
 
 class ServerReply(NamedTuple):
-    """A validated reply as the server sees it (the Flower glue checks records and decodes the payload)."""
+    """A validated reply as the server sees it (the Flower glue checks records and decodes the payload).
+
+    ``payload = None`` is a skip (LAQ); an algorithm that cannot skip counts it as lost.
+    """
 
     label: str
     round: int
-    payload: Payload
+    payload: Payload | None
     num_examples: int
     acked: int = -1
     #: Two-way compression: the replica version the client trained at (echoed in its reply).
@@ -174,6 +189,9 @@ class StepReport(NamedTuple):
     norms: Mapping[str, float]
     #: The reply bound in force this round (``inf`` = none).
     bound: float = math.inf
+    #: LAQ: labels that skipped this round, and workers expired from the aggregate with the reason.
+    skipped: tuple[str, ...] = ()
+    expired: Mapping[str, str] = MappingProxyType({})
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -279,12 +297,16 @@ class Algorithm:
     min_valid_replies: int = 1
     qsparse: Qsparse | None = None
     downlink: two_way.DownlinkPart | None = None
+    #: LAQ's trigger and innovation-sum aggregator (None: every worker replies, the server averages).
+    lazy: LazyConfig | None = None
 
     def __post_init__(self) -> None:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"algorithm: weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.min_valid_replies < 1:
             raise ValueError(f"algorithm: min_valid_replies must be >= 1, got {self.min_valid_replies}")
+        if self.lazy is not None:
+            _check_lazy(self)
 
 
 #: Named compositions: the settings each one fixes (config keys and values, or a tuple of the values allowed, the
@@ -311,9 +333,15 @@ ALGORITHMS: dict[str, Mapping[str, Any]] = {
         "server-momentum": 0.0,
         "nesterov": False,
     },
-    # Flower's own FedAvg / FedAdam on dense models (run by Flower's strategies, not by server_step).
-    "flower-fedavg": {"compressor": "identity", "client-opt": "none"},
-    "flower-fedadam": {"compressor": "identity", "client-opt": "none"},
+    # LAQ / SLAQ (Sun et al.): b-bit innovations, skip rule, the server's innovation sum with a plain step.
+    "laq": {
+        "compressor": "laq",
+        "error-feedback": False,
+        "server-opt": "sgd",
+        "server-momentum": 0.0,
+        "update-norm-bound": "off",
+        "downlink-compressor": "identity",
+    },
     # Qsparse-local-SGD (Basu et al.): H local SGD steps, QComp (the compressor) of memory + net local change in
     # model units, the server applies the mean (sgd, lr 1); qsparse-async = true: the asynchronous variant.
     "qsparse": {
@@ -323,6 +351,9 @@ ALGORITHMS: dict[str, Mapping[str, Any]] = {
         "error-feedback": True,
         "client-opt": "none",
     },
+    # Flower's own FedAvg / FedAdam on dense models (run by Flower's strategies, not by server_step).
+    "flower-fedavg": {"compressor": "identity", "client-opt": "none"},
+    "flower-fedadam": {"compressor": "identity", "client-opt": "none"},
 }
 #: Compositions that Flower's own strategies run (dense models, no server_step).
 FLOWER_BASELINES = ("flower-fedavg", "flower-fedadam")
@@ -345,6 +376,8 @@ def worker_begin(
     an older state) and is folded back too. Statuses of other rounds are ignored, so applying one twice is
     harmless.
     """
+    if algorithm.lazy is not None:
+        return _lazy_begin(algorithm, state, instruction, dim=dim, device=device)
     acked = max((s.round for s in instruction.statuses), default=-1)
     pending = state.pending
     if pending is None or state.residual is None:
@@ -386,6 +419,8 @@ def worker_end(
     Qsparse: x is the net local change ``eta steps u`` (``steps`` local SGD steps behind u; default H), or,
     asynchronously, the one kept from the last contact (:meth:`fl_compams.qsparse.Qsparse.work`).
     """
+    if algorithm.lazy is not None:
+        return _lazy_end(algorithm, state, update, round=round, acked=acked)
     x = update
     kept = state.local_change
     if algorithm.qsparse is not None:
@@ -420,14 +455,19 @@ def worker_end(
 
 
 # ----------------------------------------------------------------------------------------------- server
-def instruction_for(state: ServerState, label: str, round: int) -> Instruction:
+def instruction_for(
+    state: ServerState, label: str, round: int, algorithm: Algorithm | None = None
+) -> Instruction:
     """The statuses a client has not acknowledged yet, for the instruction of ``round``.
 
     With two-way compression also the broadcasts since its replica version, or a dense resync
-    (:func:`fl_compams.downlink.instruction_for`).
+    (:func:`fl_compams.downlink.instruction_for`); with LAQ its part of the skip rule.
     """
     down = two_way.instruction_for(state.downlink, label) if state.downlink is not None else None
-    return Instruction(round, tuple(state.unacked.get(label, ())), down)
+    instruction = Instruction(round, tuple(state.unacked.get(label, ())), down)
+    if algorithm is not None and algorithm.lazy is not None:
+        instruction = instruction._replace(lazy=_lazy_instruction(algorithm, state, label))
+    return instruction
 
 
 def server_step(
@@ -447,14 +487,13 @@ def server_step(
     count as lost (their workers fold them back).
     """
     replies = sorted(replies, key=lambda r: label_sort_key(r.label))  # summation order: labels, not arrival
+    if algorithm.lazy is not None:
+        return _lazy_step(algorithm, state, round, replies, lost)
+    skips = [r.label for r in replies if r.payload is None]  # cannot skip: counts as lost (validate drops it)
+    replies = [r for r in replies if r.payload is not None]
+    lost = [*lost, *skips]
     theta_before = state.theta
-    unacked = {label: tuple(s) for label, s in state.unacked.items()}
-    for r in replies:  # a reply confirms the statuses it applied
-        kept = tuple(s for s in unacked.get(r.label, ()) if s.round > r.acked)
-        if kept:
-            unacked[r.label] = kept
-        else:
-            unacked.pop(r.label, None)
+    unacked = acknowledge(state, replies)
     norms = {r.label: _norm(r.payload) for r in replies}
     bound = algorithm.bound.limit(state.recent_norms, tuple(norms.values()))
     factors = {r.label: algorithm.bound.factor(norms[r.label], bound) for r in replies}
@@ -492,9 +531,118 @@ def server_step(
     return state, StepReport(statuses, applied, weights, norms, bound)
 
 
+def acknowledge(state: ServerState, replies: Sequence[ServerReply]) -> dict[str, tuple[Status, ...]]:
+    """``state.unacked`` without the statuses each reply confirms it applied (``acked``)."""
+    unacked = {label: tuple(s) for label, s in state.unacked.items()}
+    for r in replies:
+        kept = tuple(s for s in unacked.get(r.label, ()) if s.round > r.acked)
+        if kept:
+            unacked[r.label] = kept
+        else:
+            unacked.pop(r.label, None)
+    return unacked
+
+
 def _norm(payload: Payload) -> float:
     """The decoded l2 norm, in float64 when float32 overflows (finite values near 3.4e38 have a finite norm)."""
     norm = payload.norm()
     if math.isfinite(norm):
         return norm
     return float(torch.linalg.vector_norm(payload.decode().double()))
+
+
+# ----------------------------------------------------------------------------------------------- LAQ
+# The glue between the round's steps and fl_compams.laq (Sun et al., NeurIPS 2019): the worker commits an
+# upload when its status says APPLIED, the server keeps the innovation sum and takes a plain step.
+def _check_lazy(algorithm: Algorithm) -> None:
+    if not isinstance(algorithm.compressor, laq.LAQQuantizer):
+        raise ValueError(f"algorithm: LAQ needs the laq quantizer, got {type(algorithm.compressor).__name__}")
+    if algorithm.error_feedback or algorithm.local_opt is not None:
+        raise ValueError(
+            "algorithm: LAQ sends quantized gradient innovations, without error feedback or local Adam"
+        )
+
+
+def _lazy_begin(
+    algorithm: Algorithm, state: WorkerState, instruction: Instruction, *, dim: int, device
+) -> tuple[WorkerState, BeginReport]:
+    """Commit the pending upload if the server applied it (else count it as a skip), then take the LAQ part."""
+    cfg = algorithm.lazy
+    acked = max((s.round for s in instruction.statuses), default=-1)
+    lazy = state.lazy if state.lazy is not None else laq.fresh_worker(cfg)
+    pending, report = state.pending, BeginReport(acked=acked)
+    if pending is not None:
+        status = next((s for s in instruction.statuses if s.round == pending.round), None)
+        if status is None and instruction.round <= pending.round:
+            raise ValueError(
+                f"instruction for round {instruction.round} arrived while the reply of round {pending.round} "
+                "is pending and no status for it was sent"
+            )
+        sent = from_bytes(pending.payload, dim, device=device).decode()
+        if status is not None and status.outcome == Outcome.APPLIED and status.factor == 1.0:
+            lazy = laq.worker_resolve(lazy, sent)
+        else:  # lost, rejected or unknown to the server: Q stays the last applied upload
+            lazy = laq.worker_resolve(lazy, None)
+            report = report._replace(folded_norm=float(sent.norm()))
+        report = report._replace(resolved=status)
+    lazy = laq.worker_instruct(cfg, lazy, instruction.lazy or laq.LazyInstruction())
+    return state._replace(lazy=lazy, pending=None), report
+
+
+def _lazy_end(
+    algorithm: Algorithm, state: WorkerState, update: torch.Tensor, *, round: int, acked: int
+) -> tuple[WorkerReply, WorkerState]:
+    """The skip rule on the quantized innovation of the gradient ``update``: a payload, or a skip."""
+    lazy = state.lazy if state.lazy is not None else laq.fresh_worker(algorithm.lazy)
+    payload, lazy = laq.worker_step(algorithm.lazy, algorithm.compressor, lazy, update)
+    state = state._replace(lazy=lazy, pending=None, rounds=state.rounds + 1)
+    if payload is None:
+        return WorkerReply(round, b"", acked, skip=True), state
+    data = to_bytes(payload)
+    return WorkerReply(round, data, acked), state._replace(pending=Pending(round, data))
+
+
+def _lazy_instruction(algorithm: Algorithm, state: ServerState, label: str) -> laq.LazyInstruction:
+    lr = getattr(algorithm.server_opt, "lr", 1.0)
+    return laq.server_instruction(algorithm.lazy, state.lazy, label, lr)
+
+
+def _lazy_step(
+    algorithm: Algorithm,
+    state: ServerState,
+    round: int,
+    replies: Sequence[ServerReply],
+    lost: Sequence[str],
+) -> tuple[ServerState, StepReport]:
+    """LAQ's server: ``nabla = sum_m Q_m`` with this round's innovations, ``theta -= alpha nabla``; expiry.
+
+    The model steps when at least ``min_valid_replies`` workers replied (uploads and skips); otherwise the
+    uploads count as lost. The reply bound does not apply (``algorithm = "laq"`` fixes it off): innovation norms
+    shrink as workers converge and a forced upload is large, so a bound learnt from them rejects honest uploads.
+    """
+    cfg = algorithm.lazy
+    unacked = acknowledge(state, replies)
+    uploads = [r for r in replies if r.payload is not None]
+    skipped = tuple(r.label for r in replies if r.payload is None)
+    lazy = state.lazy if state.lazy is not None else laq.server_init(state.theta)
+    statuses: dict[str, Status] = {}
+    applied = len(replies) >= algorithm.min_valid_replies
+    norms = {r.label: _norm(r.payload) for r in uploads}
+    if applied:
+        dqs = {r.label: r.payload.decode().to(device=state.theta.device) for r in uploads}
+        lazy = laq.server_receive(lazy, round, dqs, [r.label for r in replies])
+        delta, opt_state = algorithm.server_opt.update(lazy.nabla.to(state.theta.dtype), state.opt_state)
+        state = state._replace(theta=state.theta + delta, opt_state=opt_state)
+        lazy = laq.server_record_change(cfg, lazy, delta)
+    for r in uploads:
+        statuses[r.label] = (
+            Status(round, Outcome.APPLIED, 1.0) if applied else Status(round, Outcome.LOST, 0.0)
+        )
+    for label in lost:
+        statuses.setdefault(label, Status(round, Outcome.LOST, 0.0))
+    for label, status in statuses.items():
+        unacked[label] = (*unacked.get(label, ()), status)
+    lazy, expired = laq.server_expire(cfg, lazy, round)
+    state = state._replace(round=round, unacked=unacked, lazy=lazy)
+    weights = {r.label: 1.0 for r in uploads} if applied else {}
+    return state, StepReport(statuses, applied, weights, norms, math.inf, skipped, expired)

@@ -27,6 +27,7 @@ import torch
 
 from fl_compams.algorithm import Outcome, Status
 from fl_compams.downlink import Broadcast, Downlink, Version, parse_version
+from fl_compams.laq import LazyServer
 from fl_compams.server import ServerState
 from fl_compams.server_opt import AdamState, SGDState
 
@@ -34,10 +35,11 @@ __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_chec
 
 MAGIC = b"CAMSCKPT"
 #: 2 added the statuses clients have not acknowledged (``unacked``), 3 the recent reply norms of the adaptive
-#: reply bound (``recent_norms``). Older files are migrated on load: version 1 predates acknowledged client
-#: state (no status was outstanding); versions 1 and 2 predate the adaptive bound (its history starts empty,
-#: so the first rounds after the resume bound as the first rounds of a run do). 4 added the two-way downlink
-#: (header key ``downlink``, tensors ``downlink.*``); a file of version 3 or older loads with it empty (one-way).
+#: reply bound (``recent_norms``), 4 the two-way downlink (header key ``downlink``, tensors ``downlink.*``) and
+#: LAQ's server state (header key ``lazy``, tensors ``lazy.*``). Older files are migrated on load: version 1
+#: predates acknowledged client state (no status was outstanding); versions 1 and 2 predate the adaptive bound
+#: (its history starts empty, so the first rounds after the resume bound as the first rounds of a run do);
+#: versions 1 to 3 predate the downlink (one-way) and LAQ (no LAQ state).
 VERSION = 4
 _READABLE = (1, 2, 3, 4)
 _PREFIX = struct.Struct("<8sHI")
@@ -59,7 +61,12 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
     """Write ``round-<r>.ckpt`` for ``state`` into ``directory`` atomically; return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"theta": state.theta, **_opt_tensors(state.opt_state), **_downlink_tensors(state.downlink)}
+    tensors = {
+        "theta": state.theta,
+        **_opt_tensors(state.opt_state),
+        **_downlink_tensors(state.downlink),
+        **_lazy_tensors(state.lazy),
+    }
     table, chunks, offset = [], [], 0
     for name, t in tensors.items():
         data = t.detach().cpu().contiguous().numpy().tobytes()
@@ -77,6 +84,7 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
             for label, statuses in state.unacked.items()
         },
         "recent_norms": [[float(n) for n in norms] for norms in state.recent_norms],
+        **_lazy_header(state.lazy),
         "opt_state_type": type(state.opt_state).__name__,
         **_downlink_header(state.downlink),
         "opt_scalars": scalars,
@@ -139,6 +147,7 @@ def load_checkpoint(
             _require(_is_count(value), f"optimizer counter {name!r} must be an integer >= 0, got {value!r}")
         opt_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}
         down = _downlink(header.get("downlink"), tensors, theta)
+        lazy = _lazy_state(header.get("lazy"), tensors, theta)
         for name, t in opt_tensors.items():
             _require(
                 t.shape == theta.shape,
@@ -159,7 +168,7 @@ def load_checkpoint(
         recent = header.get("recent_norms", [])
         _require(isinstance(recent, list), "recent_norms is not a list")
         recent = tuple(_norms(norms) for norms in recent)
-        state = ServerState(header["round"], theta, opt_state, unacked, recent, down)
+        state = ServerState(header["round"], theta, opt_state, unacked, recent, down, lazy)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
@@ -185,6 +194,25 @@ def _downlink_header(down: Downlink | None) -> dict[str, Any]:
             "version": str(down.version),
             "log": [[str(b.source), str(b.target)] for b in down.log],
             "replicas": {label: str(v) for label, v in down.replicas.items()},
+        }
+    }
+
+
+def _lazy_tensors(lazy: LazyServer | None) -> dict[str, torch.Tensor]:
+    """LAQ's aggregate and each client's last upload (``lazy.q.<i>``, i = position in the header's labels)."""
+    if lazy is None:
+        return {}
+    return {"lazy.nabla": lazy.nabla, **{f"lazy.q.{i}": lazy.q[label] for i, label in enumerate(lazy.q)}}
+
+
+def _lazy_header(lazy: LazyServer | None) -> dict[str, Any]:
+    if lazy is None:
+        return {}
+    return {
+        "lazy": {
+            "labels": list(lazy.q),
+            "contact": {label: int(r) for label, r in lazy.contact.items()},
+            "changes": [float(c) for c in lazy.changes],
         }
     }
 
@@ -229,6 +257,45 @@ def _downlink(head: Any, tensors: dict[str, torch.Tensor], theta: torch.Tensor) 
         tuple(log),
         MappingProxyType({str(label): _version(v) for label, v in replicas.items()}),
     )
+
+
+def _lazy_state(entry: Any, tensors: dict[str, torch.Tensor], theta: torch.Tensor) -> LazyServer | None:
+    """LAQ's server state from the header's ``lazy`` entry and the ``lazy.*`` tensors, checked."""
+    names = {k for k in tensors if k.startswith("lazy.")}
+    if entry is None:
+        _require(not names, f"tensors {sorted(names)} without a 'lazy' header entry")
+        return None
+    _require(isinstance(entry, dict), "lazy is not a JSON object")
+    labels, contact, changes = entry["labels"], entry["contact"], entry["changes"]
+    _require(
+        isinstance(labels, list)
+        and all(isinstance(x, str) for x in labels)
+        and len(set(labels)) == len(labels),
+        "lazy labels must be a list of distinct strings",
+    )
+    _require(
+        isinstance(contact, dict) and all(_is_count(r) for r in contact.values()),
+        "lazy contact must map labels to rounds >= 0",
+    )
+    _require(set(labels) <= set(contact), "every client with a stored upload must have a contact round")
+    _require(
+        isinstance(changes, list) and all(_is_number(c) and c >= 0 for c in changes),
+        "lazy changes must be a list of finite numbers >= 0",
+    )
+    expected = {"lazy.nabla", *(f"lazy.q.{i}" for i in range(len(labels)))}
+    _require(names == expected, f"lazy tensors must be {sorted(expected)}, got {sorted(names)}")
+    for name in expected:
+        t = tensors[name]
+        _require(
+            t.shape == theta.shape,
+            f"tensor {name} has shape {tuple(t.shape)}, theta's is {tuple(theta.shape)}",
+        )
+    q = {label: tensors[f"lazy.q.{i}"] for i, label in enumerate(labels)}
+    return LazyServer(tensors["lazy.nabla"], q, dict(contact), tuple(float(c) for c in changes))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _require(ok: bool, message: str) -> None:

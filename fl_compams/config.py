@@ -26,6 +26,7 @@ from fl_compams.client_opt import LocalAdam, NesterovMomentum
 from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
 from fl_compams.downlink import DownlinkPart
 from fl_compams.errors import ConfigError
+from fl_compams.laq import LazyConfig
 from fl_compams.qsparse import Qsparse, check_compressor, parse_periods
 from fl_compams.schema import (
     ANY_STR,
@@ -49,6 +50,7 @@ __all__ = [
     "CompressorConfig",
     "DataConfig",
     "ExperimentConfig",
+    "LAQConfig",
     "OutputConfig",
     "ServerConfig",
     "TrainConfig",
@@ -100,8 +102,8 @@ _FEDERATION: tuple[Key, ...] = (
         "algorithm",
         "compams",
         choice(ALGORITHMS),
-        "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm, qsparse = named compositions "
-        "(fl_compams.algorithm.ALGORITHMS); flower-* = Flower's own strategies",
+        "compams = compressor + EF + server optimizer as configured; qadam, mvss, sgdm, qsparse, ef-sgdm, laq = "
+        "named compositions (fl_compams.algorithm.ALGORITHMS); flower-* = Flower's own strategies",
     ),
 )
 _ERROR_FEEDBACK = key(
@@ -263,6 +265,27 @@ _REST: tuple[Key, ...] = (
 )
 
 
+# LAQ / SLAQ (algorithm = "laq", fl_compams.laq); laq-bits is the quantizer's key (fl_compams.compressors.laq).
+_LAQ: tuple[Key, ...] = (
+    key("laq-xi", 0.8, NONNEG_FLOAT, "LAQ: weight xi of the model-change history in the skip rule (7a)", _S),
+    key("laq-history", 10, POS_INT, "LAQ: model changes D in the skip rule's history", _S),
+    key("laq-max-skip", 100, POS_INT, "LAQ: t-bar, the most rounds a worker skips in a row"),
+    key(
+        "laq-expire-rounds",
+        10,
+        POS_INT,
+        "LAQ: a worker silent (no upload, no skip) this many rounds is removed from the aggregate",
+        _S,
+    ),
+    key(
+        "laq-stochastic",
+        False,
+        BOOL,
+        "LAQ: SLAQ (batch-size minibatches, the code's threshold 0.5 x error term + 0.2); false = full local batch",
+    ),
+)
+
+
 def schema() -> tuple[Key, ...]:
     """Every run-config key, in the order pyproject.toml lists them, from the registry as it is now.
 
@@ -274,11 +297,11 @@ def schema() -> tuple[Key, ...]:
     compressor = key("compressor", "topk", choice(names), "uplink compressor C")
     own = compressor_keys()
     clash = sorted(
-        {k.name for k in (*_FEDERATION, compressor, _ERROR_FEEDBACK, *_REST)} & {k.name for k in own}
+        {k.name for k in (*_FEDERATION, compressor, _ERROR_FEEDBACK, *_REST, *_LAQ)} & {k.name for k in own}
     )
     if clash:
         raise ValueError(f"compressor config keys {clash} clash with general run-config keys")
-    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST, *_two_way_keys(names))
+    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST, *_two_way_keys(names), *_LAQ)
 
 
 def _two_way_keys(names: tuple[str, ...]) -> tuple[Key, ...]:
@@ -420,6 +443,17 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class LAQConfig:
+    """LAQ's skip rule and aggregate (``algorithm = "laq"``); the bits are the quantizer's ``laq-bits``."""
+
+    laq_xi: float
+    laq_history: int
+    laq_max_skip: int
+    laq_expire_rounds: int
+    laq_stochastic: bool
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole resolved configuration."""
 
@@ -430,6 +464,7 @@ class ExperimentConfig:
     train: TrainConfig
     data: DataConfig
     output: OutputConfig
+    laq: LAQConfig
 
     def to_flat(self) -> dict[str, Any]:
         """The kebab-case mapping this config was parsed from (with defaults filled in), in schema order."""
@@ -441,7 +476,7 @@ class ExperimentConfig:
             "error-feedback": c.error_feedback,
             **c.params,
         }
-        for part in (self.server, self.train, self.data, self.output):
+        for part in (self.server, self.train, self.data, self.output, self.laq):
             for f in dataclasses.fields(part):
                 flat[f.name.replace("_", "-")] = getattr(part, f.name)
         return {k.name: flat[k.name] for k in schema()}
@@ -504,6 +539,7 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         train=take(TrainConfig),
         data=take(DataConfig),
         output=take(OutputConfig),
+        laq=take(LAQConfig),
     )
     if cfg.server.server_opt != "sgd" and cfg.server.nesterov:
         raise ConfigError("config key 'nesterov': only applies to server-opt = 'sgd'")
@@ -525,6 +561,7 @@ def parse_config(mapping: Mapping[str, Any] | None = None) -> ExperimentConfig:
         )
     _check_qsparse(cfg)
     _check_two_way(cfg, mapping, {k.name: k.default for k in keys})
+    _check_laq(cfg)
     if cfg.output.resume and not cfg.output.run_name:
         raise ConfigError("config key 'resume': needs 'run-name' (the run directory to continue)")
     return cfg
@@ -574,6 +611,23 @@ def _check_two_way(cfg: ExperimentConfig, mapping: Mapping[str, Any], defaults: 
             raise ConfigError(f"config key {name!r}: applies to a downlink-compressor other than 'identity'")
     if cfg.train.client_opt != "nesterov" and cfg.train.client_momentum != defaults["client-momentum"]:
         raise ConfigError("config key 'client-momentum': only applies to client-opt = 'nesterov'")
+
+
+def _check_laq(cfg: ExperimentConfig) -> None:
+    """LAQ's rule assumes every worker checks it every iteration, on one gradient."""
+    if cfg.algorithm != "laq":
+        return
+    if cfg.server.fraction_train < 1.0:
+        raise ConfigError(
+            f"config key 'fraction-train': algorithm 'laq' needs 1.0, got {cfg.server.fraction_train!r}: LAQ's skip "
+            "rule assumes every worker checks it every iteration (a worker not sampled would neither upload nor "
+            "skip, and its stale gradient would stay in the aggregate)"
+        )
+    if cfg.train.local_steps != 1:
+        raise ConfigError(
+            "config key 'local-steps': algorithm 'laq' sends one gradient per round; set 1, got "
+            f"{cfg.train.local_steps}"
+        )
 
 
 def _apply_composition(mapping: dict[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -643,6 +697,18 @@ def build_algorithm(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None =
         min_valid_replies=cfg.server.min_valid_replies,
         qsparse=build_qsparse(cfg),
         downlink=build_downlink(cfg, block_sizes),
+        lazy=build_lazy(cfg.laq) if cfg.algorithm == "laq" else None,
+    )
+
+
+def build_lazy(cfg: LAQConfig) -> LazyConfig:
+    """LAQ's trigger and aggregator settings (SLAQ's threshold with ``laq-stochastic``)."""
+    return LazyConfig(
+        xi=cfg.laq_xi,
+        history=cfg.laq_history,
+        max_skip=cfg.laq_max_skip,
+        expire_rounds=cfg.laq_expire_rounds,
+        stochastic=cfg.laq_stochastic,
     )
 
 

@@ -26,6 +26,12 @@ ACKED = "acked"
 #: of three equally long lists (omitted when there is none).
 STATUSES = "statuses"
 STATUS_FIELDS = ("rounds", "outcomes", "factors")
+#: LAQ (fl_compams.laq): the instruction's ConfigRecord with the round's history term of the skip rule and the
+#: reset flag, and the reply field (in PAYLOAD) that marks a skip (then PAYLOAD_BYTES is empty).
+LAZY = "lazy"
+LAZY_THRESHOLD = "threshold"
+LAZY_RESET = "reset"
+SKIP = "skip"
 #: Reply metrics (a MetricRecord).
 METRICS = "metrics"
 #: Probe reply: the full local gradient (an ArrayRecord with one float32 vector under PROBE_GRADIENT).

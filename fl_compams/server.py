@@ -38,6 +38,8 @@ class ServerState(NamedTuple):
     recent_norms: tuple[tuple[float, ...], ...] = ()
     #: Two-way compression: public model, server residual, broadcast log, client replica versions (None = one-way).
     downlink: Downlink | None = None
+    #: LAQ's aggregate, per-client last uploads and contacts, recent model changes (:class:`fl_compams.laq.LazyServer`).
+    lazy: Any = None
 
 
 def init_server_state(

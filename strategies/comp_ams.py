@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_compams import protocol
+from fl_compams import laq, protocol
 from fl_compams.aggregate import aggregation_weights
 from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
 from fl_compams.config import ExperimentConfig, default_config
@@ -124,7 +124,7 @@ class CompAMS(FedAvg):
         messages, resyncs, theory_bits = [], 0, 0.0
         for m in super().configure_train(rnd, arrays, config, grid):
             node = m.metadata.dst_node_id
-            instruction = instruction_for(self.state, self.label(node), rnd)
+            instruction = instruction_for(self.state, self.label(node), rnd, self.algorithm)
             statuses = instruction.statuses
             content = m.content
             if instruction.downlink is not None:  # two-way: the model only on a resync, else the broadcasts
@@ -134,9 +134,17 @@ class CompAMS(FedAvg):
                 content[protocol.DOWNLINK] = ConfigRecord(protocol.downlink_to_fields(instruction.downlink))
                 resyncs += instruction.downlink.dense
                 theory_bits += self._downlink_theory_bits(instruction.downlink)
-            if statuses:  # the model and settings records are shared objects, not copies
+            if statuses or instruction.lazy:  # the model and settings records are shared objects, not copies
                 content = RecordDict({**content})
-                content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+                if statuses:
+                    content[protocol.STATUSES] = ConfigRecord(protocol.statuses_to_fields(statuses))
+                if instruction.lazy:
+                    content[protocol.LAZY] = ConfigRecord(
+                        {
+                            protocol.LAZY_THRESHOLD: float(instruction.lazy.threshold),
+                            protocol.LAZY_RESET: bool(instruction.lazy.reset),
+                        }
+                    )
             if content is not m.content:
                 m = Message(content=content, message_type=m.metadata.message_type, dst_node_id=node)
             messages.append(m)
@@ -181,7 +189,13 @@ class CompAMS(FedAvg):
         )
         if resync:
             self.state = self.state._replace(downlink=forget(self.state.downlink, resync))
+        for label, reason in step.expired.items():
+            log.warning("round %d: %s expired from LAQ's aggregate: %s", rnd, label, reason)
+        if self.algorithm.lazy is not None:
+            traffic.skipped = list(step.skipped)
         for v in valid:
+            if v.reply.payload is None:  # a skip: no status
+                continue
             status = step.statuses[v.reply.label]
             if status.outcome == Outcome.REJECTED:
                 traffic.failures[v.reply.label] = (
@@ -211,6 +225,8 @@ class CompAMS(FedAvg):
                 row.setdefault(key.replace("-", "_"), value)
             if v.claimed_examples != v.reply.num_examples:
                 row["num_examples_claimed"] = v.claimed_examples
+            if v.reply.payload is None:
+                row["skipped"] = True
             traffic.per_client[label] = row
         traffic.per_client = sorted_by_label(traffic.per_client)
         traffic.ok = [v.reply.label for v in ok]
@@ -224,7 +240,9 @@ class CompAMS(FedAvg):
             )
             return None, self._metrics(traffic)
         traffic.applied = True
-        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * len(ok)
+        skips = sum(v.reply.payload is None for v in ok)
+        traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * (len(ok) - skips)
+        traffic.uplink_theory_bits += laq.SKIP_BITS * skips
         traffic.train_loss = _mean(self.algorithm.weighting, ok, protocol.TRAIN_LOSS)
         traffic.residual_norm = sum(v.metrics.get(protocol.RESIDUAL_NORM, 0.0) for v in ok) / len(ok)
         return self.current_arrays(), self._metrics(traffic)
@@ -240,6 +258,7 @@ class CompAMS(FedAvg):
             device=self.state.theta.device,
             weighted=self.config.server.weighting == "num-examples",
             max_num_examples=self.config.server.max_num_examples,
+            can_skip=self.algorithm.lazy is not None,
         )
         metrics = checked.metrics
         if metrics.dropped:
@@ -278,6 +297,15 @@ class CompAMS(FedAvg):
             "on (acknowledged)" if a.error_feedback else "off",
             ", local Adam (QAdam)" if a.local_opt is not None else "",
         )
+        if a.lazy is not None:
+            log.info(
+                "\t├──> LAQ: skip rule xi %g over D = %d changes, t-bar %d, expiry after %d silent rounds%s",
+                a.lazy.xi,
+                a.lazy.history,
+                a.lazy.max_skip,
+                a.lazy.expire_rounds,
+                ", SLAQ threshold" if a.lazy.stochastic else "",
+            )
         log.info(
             "\t├──> Server: %s, replies averaged %s, bound %s, min-valid-replies %d",
             type(a.server_opt).__name__,
@@ -316,6 +344,7 @@ class CompAMS(FedAvg):
                 "clients-ok": len(traffic.ok),
                 "clients-failed": len(traffic.failures),
                 "clients-clipped": len(traffic.clipped),
+                **({"clients-skipped": len(traffic.skipped)} if traffic.skipped is not None else {}),
                 "update-applied": int(traffic.applied),
                 "uplink-bytes": int(sum(traffic.uplink_bytes.values())),
                 "downlink-bytes": int(sum(traffic.downlink_bytes.values())),

@@ -30,6 +30,8 @@ class RoundTraffic:
     failures: dict[str, str] = field(default_factory=dict)
     ok: list[str] = field(default_factory=list)
     clipped: list[str] = field(default_factory=list)
+    #: LAQ: clients whose valid reply was a skip (None for algorithms that cannot skip: no column).
+    skipped: list[str] | None = None
     applied: bool = False
     train_loss: float = math.nan
     residual_norm: float = math.nan
@@ -106,6 +108,7 @@ def traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[st
         "clients_ok": len(traffic.ok),
         "clients_failed": len(traffic.failures),
         "clients_clipped": len(traffic.clipped),
+        **({"clients_skipped": len(traffic.skipped)} if traffic.skipped is not None else {}),
         "update_applied": traffic.applied,
         "failures": dict(sorted(traffic.failures.items())),
         "residual_norm": traffic.residual_norm,

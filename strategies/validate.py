@@ -16,6 +16,8 @@ Rules:
 - **num-examples** is capped at ``max-num-examples`` when that is > 0 (weighting by examples trusts the claim).
 - **Payloads** go through :func:`fl_compams.codec.from_bytes` with the expected kind, dimension and the model's
   block layout (a Block-Sign payload must have the model's blocks, which bounds its decode cost).
+- **Skips** (LAQ): the ``skip`` field must be ``True`` with empty payload bytes, and only an algorithm that can
+  skip accepts one; any other algorithm drops it (it never moves the model).
 - **Names.** A hello reply claims ``partition-id`` (an integer >= -1; -1 = none) and ``node-name`` (a plain
   name, :data:`fl_compams.schema.PLAIN_NAME`, not all digits, at most :data:`MAX_NODE_NAME` characters, or
   empty). Claims are only labels: they are granted in node id order, the first claim of a label wins and a
@@ -161,7 +163,7 @@ def reply_metrics(
 class TrainingReply:
     """A CompAMS training reply that passed validation: its decoded payload, its acknowledgement, metrics."""
 
-    payload: Payload
+    payload: Payload | None  # None: a skip
     payload_bytes: int
     acked: int
     metrics: ReplyMetrics
@@ -177,8 +179,12 @@ def training_reply(
     device: torch.device | str = "cpu",
     weighted: bool = False,
     max_num_examples: int = 0,
+    can_skip: bool = False,
 ) -> TrainingReply:
-    """Check a CompAMS training reply's records and metrics, then decode its payload (cheap checks first)."""
+    """Check a CompAMS training reply's records and metrics, then decode its payload (cheap checks first).
+
+    ``can_skip``: the algorithm accepts skips (LAQ); a valid skip has ``payload = None``.
+    """
     record = _record(content, protocol.PAYLOAD, ConfigRecord)
     if protocol.PAYLOAD_BYTES not in record:
         raise PayloadError(
@@ -197,6 +203,13 @@ def training_reply(
     metrics = reply_metrics(
         _record(content, protocol.METRICS, MetricRecord), weighted=weighted, max_num_examples=max_num_examples
     )
+    if protocol.SKIP in record:
+        skip = record[protocol.SKIP]
+        if skip is not True or data:
+            raise PayloadError(f"a skip is {protocol.SKIP!r} = True with an empty payload, got {_show(skip)}")
+        if not can_skip:
+            raise PayloadError("a skip reply, but this algorithm cannot skip (only algorithm = 'laq' skips)")
+        return TrainingReply(None, 0, acked, metrics)
     payload = from_bytes(data, dim, expected_kind=kind, block_sizes=block_sizes, device=device)
     return TrainingReply(payload, len(data), acked, metrics)
 

@@ -19,6 +19,7 @@ from fl_compams.compressors.base import (
 )
 from fl_compams.compressors.blocksign import BlockSign, BlockSignPayload
 from fl_compams.compressors.identity import DensePayload, Identity
+from fl_compams.compressors.laq import LAQPayload, LAQQuantizer
 from fl_compams.compressors.qsgd import QSGD, QSGDPayload
 from fl_compams.compressors.qsgd_topk import QSGDTopK, QSGDTopKPayload
 from fl_compams.compressors.sign import Sign, SignPayload
@@ -38,6 +39,8 @@ __all__ = [
     "DensePayload",
     "Identity",
     "Kind",
+    "LAQPayload",
+    "LAQQuantizer",
     "Payload",
     "QSGDPayload",
     "QSGDTopK",

@@ -58,6 +58,7 @@ class Kind(enum.IntEnum):
     SIGNTOPK = 7
     QSGD_TOPK = 10  # fl_compams.compressors.qsgd_topk (10: clear of the numbers other new kinds take)
     SIGN = 8
+    LAQ = 16  # fl_compams.compressors.laq (16: clear of the numbers other new kinds take next)
 
 
 VALUE_DTYPES = ("float32", "float16")

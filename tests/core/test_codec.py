@@ -24,6 +24,9 @@ CASES = {
     "qsgd": {"levels": 5, "bucket_size": 64},
     "signtopk": {"ratio": 0.05},
     "signtopk-varint": {"ratio": 0.05, "index_coding": "varint"},
+    "laq": {"bits": 4},
+    "laq-1bit": {"bits": 1},
+    "laq-16bit": {"bits": 16},
 }
 
 

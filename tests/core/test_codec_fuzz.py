@@ -31,6 +31,9 @@ KINDS = {
     "qsgd": {"levels": 6, "bucket_size": 16},
     "signtopk": {"ratio": 0.1},
     "signtopk-varint": {"ratio": 0.1, "index_coding": "varint"},
+    "laq": {"bits": 3},
+    "laq-1": {"bits": 1},
+    "laq-16": {"bits": 16},
 }
 # Counters of how many cases ran (reported by the last test; docs/reliability.md quotes them).
 CASES = {"random": 0, "mutated": 0, "mutated_accepted": 0}

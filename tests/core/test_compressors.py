@@ -276,6 +276,7 @@ def test_registry_builds_every_compressor_and_rejects_unknown():
         "signtopk",
         "qsgd-topk",
         "sign",
+        "laq",
     }
     assert isinstance(make_compressor("topk", ratio=0.1), TopK)
     with pytest.raises(ValueError, match="unknown compressor 'top-k'"):

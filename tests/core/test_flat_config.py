@@ -129,4 +129,5 @@ def test_client_keys_are_derived_from_the_schema():
         "update-norm-bound", "update-norm-multiplier", "update-norm-window", "max-update-norm",
         "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
         "out-dir", "downlink-compressor", "downlink-ratio", "downlink-log",
+        "laq-xi", "laq-history", "laq-expire-rounds",
     }  # fmt: skip

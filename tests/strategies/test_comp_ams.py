@@ -383,3 +383,44 @@ def test_two_way_sends_broadcasts_to_known_replicas_and_the_dense_model_otherwis
     assert strategy.traffic[2].downlink_theory_bits == 2 * 32 * SPEC.dim + 2 * (SPEC.dim + 2 * 32)
     sizes = strategy.traffic[2].downlink_bytes
     assert sizes["node-1"] < sizes["node-3"] - 4 * SPEC.dim
+
+
+def skip_reply(node):
+    content = RecordDict(
+        {
+            protocol.PAYLOAD: ConfigRecord({protocol.PAYLOAD_BYTES: b"", protocol.SKIP: True}),
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 10, protocol.TRAIN_LOSS: 1.0}),
+        }
+    )
+    return Message(content, reply_to=instruction(node))
+
+
+def test_a_skip_to_an_algorithm_that_cannot_skip_is_dropped_and_never_moves_the_model():
+    strategy, _ = make_strategy(**{"topk-k": 3})
+    good = reply(0, to_bytes(strategy.compressor.encode(updates(4, 1)[0])))
+    strategy.aggregate_train(1, [good, skip_reply(1)])
+    clean, _ = make_strategy(**{"topk-k": 3})
+    clean.aggregate_train(1, [good])
+    assert torch.equal(strategy.state.theta, clean.state.theta)
+    assert "cannot skip" in strategy.traffic[1].failures["node-1"]
+    assert [s.outcome for s in strategy.state.unacked["node-1"]] == [Outcome.LOST]
+
+
+def test_laq_counts_skips_apart_from_failures_and_steps_with_the_stale_aggregate():
+    strategy, theta0 = make_strategy(algorithm="laq", **{"laq-bits": 2})
+    upload = reply(0, to_bytes(strategy.compressor.encode(updates(5, 1)[0])))
+    _, metrics = strategy.aggregate_train(1, [upload, skip_reply(1)])
+    assert metrics["clients-ok"] == 2 and metrics["clients-skipped"] == 1 and metrics["clients-failed"] == 0
+    assert strategy.traffic[1].per_client["node-1"]["skipped"] is True
+    assert strategy.traffic[1].uplink_theory_bits == (32 + 2 * SPEC.dim) + 1
+    theta1 = strategy.state.theta.clone()
+    _, metrics = strategy.aggregate_train(
+        2, [skip_reply(0), skip_reply(1)]
+    )  # all skip: nabla is stale, not 0
+    assert metrics["clients-skipped"] == 2 and torch.allclose(
+        theta1 - strategy.state.theta, theta0 - theta1, atol=1e-6
+    )
+    bad = RecordDict({**skip_reply(0).content})
+    bad[protocol.PAYLOAD] = ConfigRecord({protocol.PAYLOAD_BYTES: b"\x00", protocol.SKIP: True})
+    strategy.aggregate_train(3, [Message(bad, reply_to=instruction(0))])
+    assert "empty payload" in strategy.traffic[3].failures["node-0"]
