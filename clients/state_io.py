@@ -29,7 +29,7 @@ from fl_compams import nodes
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdamState
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr").getChild(__name__)  # a child of Flower's logger: shown in the SuperNode's log
 
 RESIDUAL_RECORD = "ef"
 RESIDUAL_KEY = "residual"
@@ -157,10 +157,16 @@ def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
     not on disk or is itself too new (the checkpoint is more than one of the node's rounds behind), the node
     starts fresh, with a warning; ``checkpoint-every = 1`` avoids this.
 
+    Logs one line either way: the round the restored state came from and its file's size, or why the node starts
+    fresh (Flower's logger, so the line is in the SuperNode's log).
+
     Returns True if a state was restored.
     """
     path = state_file(context)
-    if path is None or COUNTERS_RECORD in context.state:
+    if COUNTERS_RECORD in context.state:
+        return False
+    if path is None:  # debug only: every virtual client of a simulation starts here
+        log.debug("no client state in memory and no state-dir: starting from a fresh (zero) state")
         return False
     key = run_key(context)
     node = nodes.label_of_config(context.node_config, context.node_id)
@@ -168,21 +174,29 @@ def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
     latest, older = path, persist.previous_path(path)
     if not latest.exists() and older.exists():  # a crash between write_state's two renames
         latest, older = older, None
+    found = latest.exists()
     saved = read(latest)
     if saved is not None and saved.round >= server_round:
         before = read(older) if older is not None and saved.rounds > 1 else None
         saved, latest = _state_before(saved, before, server_round, latest), older
     if saved is None:
+        why = "no state file" if not found else "no usable state (see the line above)"
+        log.info(
+            "%s: %s at %s; starting from a fresh (zero) state in round %d", node, why, path, server_round
+        )
         return False
     for record, arrays in saved.arrays.items():
         context.state[record] = ArrayRecord({name: Array(arr) for name, arr in arrays.items()})
     context.state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(saved.rounds)})
     log.info(
-        "restored the client state of round %d from %s (%d rounds, records %s)",
+        "%s: restored the client state of round %d from %s (%d bytes, %d rounds, records %s) for round %d",
+        node,
         saved.round,
         latest,
+        latest.stat().st_size,
         saved.rounds,
         sorted(saved.arrays),
+        server_round,
     )
     return True
 

@@ -4,6 +4,7 @@ Deployment-style: the ClientApp's own ``train`` handler, a node config with ``st
 fresh ``Context`` (a resumed run gets a new Flower run id and new, empty contexts), as a SuperNode builds them.
 """
 
+import logging
 import warnings
 
 import pytest
@@ -184,3 +185,30 @@ def test_run_key_names_the_run_safely():
     assert state_io.run_key_for("/r", "", 5) == "flower-run-5" != state_io.run_key_for("/r", "", 6)
     assert state_io.run_key_for("/r", "a", 1) != state_io.run_key_for("/r2", "a", 1)
     assert state_io.run_key_for("runs", "a", 1) != state_io.run_key_for("/abs/runs", "a", 1)  # as written
+
+
+def restore_lines(records) -> list[str]:
+    return [
+        r.getMessage() for r in records if r.name == "flwr.clients.state_io" and r.levelno == logging.INFO
+    ]
+
+
+def test_one_log_line_for_a_restored_state_and_one_for_a_fresh_start(tmp_path, caplog):
+    """The SuperNode's log says which round a restored state came from and its size, or that the node starts fresh."""
+    caplog.set_level(logging.INFO, logger="flwr")
+    ctx = node_context(tmp_path, run_id=101)
+    train_metrics(instruction(1), ctx)
+    (fresh,) = restore_lines(caplog.records)  # round 1: nothing on disk yet
+    path = state_io.state_file(ctx)
+    assert "partition-1" in fresh and "no state file" in fresh and "fresh" in fresh and "round 1" in fresh
+    assert str(path) in fresh
+    caplog.clear()
+    train_metrics(instruction(2, (Status(1, Outcome.APPLIED, 1.0),)), ctx)
+    assert restore_lines(caplog.records) == []  # the state was in memory: nothing restored, nothing logged
+    size = path.stat().st_size
+    caplog.clear()
+    resumed = node_context(tmp_path, run_id=202)  # a restarted SuperNode (or server) with empty contexts
+    train_metrics(instruction(3, (Status(2, Outcome.APPLIED, 1.0),)), resumed)
+    (restored,) = restore_lines(caplog.records)
+    assert "restored the client state of round 2" in restored and f"({size} bytes," in restored
+    assert str(path) in restored and "for round 3" in restored
