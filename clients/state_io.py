@@ -38,6 +38,8 @@ ADAM_RECORD = "qadam"
 COUNTERS_RECORD = "counters"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
+#: Node-config key: ``true`` keeps the run's state files when the run ends (a run that will be resumed later).
+KEEP_STATE_KEY = "keep-state"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
 RUN_NAME_KEY = "run-name"
 OUT_DIR_KEY = "out-dir"
@@ -258,3 +260,48 @@ def save_to_disk(context: Context, dim: int, *, server_round: int) -> None:
         message = f"could not write the client state file {str(path)!r} ({type(err).__name__}: {err})"
         log.warning(message)
         warnings.warn(message, persist.StateFileWarning, stacklevel=2)
+
+
+def keep_state(context: Context) -> bool:
+    """The node config's ``keep-state``: true (TOML ``true`` or the string "true"); anything unclear keeps too."""
+    value = context.node_config.get(KEEP_STATE_KEY, False)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("false", "0", "no", ""):
+        return False
+    if str(value).strip().lower() not in ("true", "1", "yes"):  # a typo never deletes anything
+        log.warning("node config keep-state = %r is not true or false: keeping the client state files", value)
+    return True
+
+
+def end_of_run(context: Context) -> tuple[int, int]:
+    """The run has ended (the server's final query): remove this node's state files of the run, or keep them.
+
+    Removes ``<node key>.state`` and ``.prev`` (and the run's directory once it is empty) unless the node config
+    sets ``keep-state = true``; clears ``context.state`` either way (Flower keeps finished runs' contexts in the
+    SuperNode's memory). Logs one line. Returns ``(files removed, files kept)``; a file that cannot be removed
+    counts as kept, with a warning.
+    """
+    context.state.clear()
+    path = state_file(context)
+    if path is None:
+        return 0, 0
+    files = [p for p in (path, persist.previous_path(path)) if p.exists()]
+    if keep_state(context):
+        log.info(
+            "run ended: keeping %d client state file(s) in %s (keep-state = true)", len(files), path.parent
+        )
+        return 0, len(files)
+    removed = 0
+    for p in files:
+        try:
+            p.unlink()
+            removed += 1
+        except OSError as err:
+            log.warning("run ended, but the client state file %s could not be removed (%s)", p, err)
+    try:
+        path.parent.rmdir()  # only when empty: other nodes sharing the state-dir may still have files there
+    except OSError:
+        pass
+    log.info("run ended: removed %d client state file(s) of %s", removed, path.parent)
+    return removed, len(files) - removed
