@@ -201,6 +201,14 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({protocol.NODE_INFO: info}), reply_to=msg)
 
 
+@app.query(protocol.END_ROUTE)
+def end(msg: Message, context: Context) -> Message:
+    """The run has ended: remove this node's state files of the run unless ``keep-state = true`` (state_io)."""
+    removed, kept = state_io.end_of_run(context)
+    info = ConfigRecord({protocol.REMOVED: removed, protocol.KEPT: kept})
+    return Message(RecordDict({protocol.END_INFO: info}), reply_to=msg)
+
+
 @app.query(protocol.PROBE_ROUTE)
 def probe(msg: Message, context: Context) -> Message:
     """The sigma_g^2 probe: full local gradient over the whole partition and the local minibatch variance."""

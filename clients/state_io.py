@@ -35,7 +35,7 @@ from fl_compams.downlink import Version
 from fl_compams.laq import LazyWorker
 from fl_compams.qsparse import LocalChange
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr").getChild(__name__)  # a child of Flower's logger: shown in the SuperNode's log
 
 RESIDUAL_RECORD = "ef"
 RESIDUAL_KEY = "residual"
@@ -49,6 +49,8 @@ REPLICA_RECORD = "replica"
 MOMENTUM_RECORD = "momentum"
 ROUNDS_KEY = "rounds"
 STATE_DIR_KEY = "state-dir"
+#: Node-config key: ``true`` keeps the run's state files when the run ends (a run that will be resumed later).
+KEEP_STATE_KEY = "keep-state"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
 RUN_NAME_KEY = "run-name"
 OUT_DIR_KEY = "out-dir"
@@ -272,10 +274,16 @@ def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
     not on disk or is itself too new (the checkpoint is more than one of the node's rounds behind), the node
     starts fresh, with a warning; ``checkpoint-every = 1`` avoids this.
 
+    Logs one line either way: the round the restored state came from and its file's size, or why the node starts
+    fresh (Flower's logger, so the line is in the SuperNode's log).
+
     Returns True if a state was restored.
     """
     path = state_file(context)
-    if path is None or COUNTERS_RECORD in context.state:
+    if COUNTERS_RECORD in context.state:
+        return False
+    if path is None:  # debug only: every virtual client of a simulation starts here
+        log.debug("no client state in memory and no state-dir: starting from a fresh (zero) state")
         return False
     key = run_key(context)
     node = nodes.label_of_config(context.node_config, context.node_id)
@@ -283,21 +291,29 @@ def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
     latest, older = path, persist.previous_path(path)
     if not latest.exists() and older.exists():  # a crash between write_state's two renames
         latest, older = older, None
+    found = latest.exists()
     saved = read(latest)
     if saved is not None and saved.round >= server_round:
         before = read(older) if older is not None and saved.rounds > 1 else None
         saved, latest = _state_before(saved, before, server_round, latest), older
     if saved is None:
+        why = "no state file" if not found else "no usable state (see the line above)"
+        log.info(
+            "%s: %s at %s; starting from a fresh (zero) state in round %d", node, why, path, server_round
+        )
         return False
     for record, arrays in saved.arrays.items():
         context.state[record] = ArrayRecord({name: Array(arr) for name, arr in arrays.items()})
     context.state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(saved.rounds)})
     log.info(
-        "restored the client state of round %d from %s (%d rounds, records %s)",
+        "%s: restored the client state of round %d from %s (%d bytes, %d rounds, records %s) for round %d",
+        node,
         saved.round,
         latest,
+        latest.stat().st_size,
         saved.rounds,
         sorted(saved.arrays),
+        server_round,
     )
     return True
 
@@ -359,3 +375,48 @@ def save_to_disk(context: Context, dim: int, *, server_round: int) -> None:
         message = f"could not write the client state file {str(path)!r} ({type(err).__name__}: {err})"
         log.warning(message)
         warnings.warn(message, persist.StateFileWarning, stacklevel=2)
+
+
+def keep_state(context: Context) -> bool:
+    """The node config's ``keep-state``: true (TOML ``true`` or the string "true"); anything unclear keeps too."""
+    value = context.node_config.get(KEEP_STATE_KEY, False)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("false", "0", "no", ""):
+        return False
+    if str(value).strip().lower() not in ("true", "1", "yes"):  # a typo never deletes anything
+        log.warning("node config keep-state = %r is not true or false: keeping the client state files", value)
+    return True
+
+
+def end_of_run(context: Context) -> tuple[int, int]:
+    """The run has ended (the server's final query): remove this node's state files of the run, or keep them.
+
+    Removes ``<node key>.state`` and ``.prev`` (and the run's directory once it is empty) unless the node config
+    sets ``keep-state = true``; clears ``context.state`` either way (Flower keeps finished runs' contexts in the
+    SuperNode's memory). Logs one line. Returns ``(files removed, files kept)``; a file that cannot be removed
+    counts as kept, with a warning.
+    """
+    context.state.clear()
+    path = state_file(context)
+    if path is None:
+        return 0, 0
+    files = [p for p in (path, persist.previous_path(path)) if p.exists()]
+    if keep_state(context):
+        log.info(
+            "run ended: keeping %d client state file(s) in %s (keep-state = true)", len(files), path.parent
+        )
+        return 0, len(files)
+    removed = 0
+    for p in files:
+        try:
+            p.unlink()
+            removed += 1
+        except OSError as err:
+            log.warning("run ended, but the client state file %s could not be removed (%s)", p, err)
+    try:
+        path.parent.rmdir()  # only when empty: other nodes sharing the state-dir may still have files there
+    except OSError:
+        pass
+    log.info("run ended: removed %d client state file(s) of %s", removed, path.parent)
+    return removed, len(files) - removed

@@ -45,6 +45,14 @@ HELLO_MESSAGE_TYPE = f"query.{HELLO_ROUTE}"
 PARTITION_ID = "partition-id"
 NODE_NAME = "node-name"
 NODE_INFO = "node-info"
+#: Query route the server sends every connected node once the run has truly ended (after the last round's
+#: results and checkpoint): the node removes the run's client state files unless its node config says
+#: ``keep-state = true``. Its reply: a ConfigRecord under END_INFO with how many files were removed or kept.
+END_ROUTE = "end"
+END_MESSAGE_TYPE = f"query.{END_ROUTE}"
+END_INFO = "end-info"
+REMOVED = "removed"
+KEPT = "kept"
 
 # Metric names a client reports.
 NUM_EXAMPLES = "num-examples"

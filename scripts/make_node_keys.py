@@ -13,14 +13,19 @@ the private key never leaves it. Existing files are never overwritten. See docs/
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from simulations.cli_base import UserError, new_app, run_app
 
 #: A plain file name: the key files are named after the node.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -56,24 +61,32 @@ def write_key_pair(out_dir: Path, name: str) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the arguments and write one key pair per name."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("names", nargs="+", metavar="NAME", help="node names (also the file names)")
-    args = parser.parse_args(argv)
-    if len(set(args.names)) != len(args.names):
-        parser.error("a node name is listed twice")
-    found = [p for name in args.names for p in problems(args.out_dir, name)]
+app = new_app(__doc__.split("\n\n")[0])
+
+
+@app.command()
+def make_node_keys(
+    out_dir: Annotated[Path, typer.Argument(show_default=False)],
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", show_default=False)],
+) -> int:
+    """Write OUT_DIR/NAME.key and OUT_DIR/NAME.pub for every NAME (node names, also the file names)."""
+    if len(set(names)) != len(names):
+        raise UserError("a node name is listed twice")
+    found = [p for name in names for p in problems(out_dir, name)]
     if found:  # check every pair first: write all of them or none
         print("\n".join(found), file=sys.stderr)
         return 1
-    for name in args.names:
-        private_path, public_path = write_key_pair(args.out_dir, name)
+    for name in names:
+        private_path, public_path = write_key_pair(out_dir, name)
         print(
             f"{name}: private key {private_path} (mode 600, for that SuperNode only), public key {public_path}"
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and write one key pair per name; the exit code."""
+    return run_app(app, argv, "make_node_keys.py")
 
 
 if __name__ == "__main__":

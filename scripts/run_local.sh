@@ -14,6 +14,13 @@ export PATH="$VENV_BIN:$PATH"
 mkdir -p "$FLWR_HOME"
 python -c 'import importlib.metadata as m; print("versions: " + ", ".join(f"{p} {m.version(p)}" for p in ("flwr", "ray", "torch")))'
 
+RUN_NAME=${RUN_NAME:-default-$(date +%Y%m%d-%H%M%S)}
+OUT_DIR=${OUT_DIR:-$ROOT/runs}
+RUN_CONFIG="out-dir='$OUT_DIR' run-name='$RUN_NAME'"
+# Validate pyproject's run config and every --run-config with the project's own parser before Flower starts:
+# a bad key fails here in about two seconds, with the parser's message (exit code 2).
+python scripts/check_run_config.py . --run-config "$RUN_CONFIG" "$@" || exit $?
+
 PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -31,18 +38,18 @@ SUPERLINK_PID=$!
 stop_superlink() { kill -TERM -- "-$SUPERLINK_PID" 2>/dev/null || true; sleep 1; kill -KILL -- "-$SUPERLINK_PID" 2>/dev/null || true; }
 trap stop_superlink EXIT
 
-for _ in $(seq 1 60); do
+# Bounded wait (60 x 0.5 s) for the SuperLink's health endpoint; say which process failed and where its log is.
+for i in $(seq 1 60); do
     if python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=1)" 2>/dev/null; then break; fi
-    kill -0 "$SUPERLINK_PID" 2>/dev/null || { echo "flower-superlink exited; see $LOG" >&2; exit 1; }
+    kill -0 "$SUPERLINK_PID" 2>/dev/null || { echo "flower-superlink exited before answering; see $LOG" >&2; exit 1; }
+    [ "$i" -lt 60 ] || { echo "flower-superlink did not answer on 127.0.0.1:$PORT/health within 30 s; see $LOG" >&2; exit 1; }
     sleep 0.5
 done
 
-RUN_NAME=${RUN_NAME:-default-$(date +%Y%m%d-%H%M%S)}
-OUT_DIR=${OUT_DIR:-$ROOT/runs}
 START=$(date +%s)
 flwr run . compams-local --stream \
     --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1" \
-    --run-config "out-dir='$OUT_DIR' run-name='$RUN_NAME'" "$@"
+    --run-config "$RUN_CONFIG" "$@"
 # `flwr run` exits 0 even when the run failed: check the status and the results.
 python -m simulations.report.run_status "$OUT_DIR/$RUN_NAME" --status-json "$(flwr ls compams-local --format json)" \
     --wall-s $(( $(date +%s) - START ))

@@ -5,81 +5,159 @@
     fl-compams report accuracy-vs-bits
 
 Runs go to ``--runs`` (default ``runs/sweeps``, not committed); tables, plots and a compact ``summary.json`` go to
-``--out`` (default ``docs/results``). Finished runs are skipped, so an interrupted sweep resumes.
+``--out`` (default ``docs/results``). Finished runs are skipped, so an interrupted sweep resumes. Built on typer
+(:mod:`simulations.cli_base`): a mistake (unknown preset, bad option, bad config value) is one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
-from tqdm import tqdm
+import typer
+from rich.markup import escape
 
+from fl_compams.errors import ConfigError
+from simulations.cli_base import UserError, new_app, run_app
 from simulations.sweep import available_presets, is_complete, load_preset, plan_runs, set_aside
 
+PROG = "fl-compams"
 
-def _seeds(text: str) -> list[int]:
+
+def _describe(name: str) -> str:
+    return f"{name:20s} {load_preset(name).get('preset', {}).get('description', '')}"
+
+
+def _preset_list() -> str:
+    """Every preset with its description, one a line: the epilog of ``--help``.
+
+    Typer's rich help keeps a line break only between paragraphs, hence one paragraph per preset.
+    """
+    return "\n\n".join(["Presets:", *(escape(_describe(name)) for name in available_presets())])
+
+
+def _preset(name: str) -> str:
+    if name not in available_presets():
+        raise typer.BadParameter(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
+    return name
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+        raise typer.BadParameter(f"takes comma-separated integers, got {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fl-compams", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the presets")
-    for name in ("reproduce", "report"):
-        p = sub.add_parser(name, help=f"{name} a preset")
-        p.add_argument("preset", help=f"one of {available_presets()}")
-        p.add_argument(
-            "--dataset", default="digits", help="digits (embedded), mnist, fashion-mnist or cifar10"
+app = new_app(
+    "Reproduce the paper's experiments from presets (runs, then tables and plots).",
+    epilog=_preset_list(),
+    no_args_is_help=True,
+)
+_PRESETS = f"PRESET is one of: {', '.join(available_presets())} (fl-compams list)."
+
+# The options reproduce and report share.
+Preset = Annotated[
+    str, typer.Argument(callback=_preset, show_default=False)
+]  # its help is in each command's docstring: typer 0.20 on click 8.5 drops an argument's help
+Dataset = Annotated[str, typer.Option(help="digits (embedded), mnist, fashion-mnist or cifar10")]
+Runs = Annotated[Path, typer.Option(help="where run directories go")]
+Out = Annotated[Path, typer.Option(help="where tables and plots go")]
+Seeds = Annotated[  # a str that the callback turns into list[int] (typer would read list[int] as repeated options)
+    str | None,
+    typer.Option(callback=_seeds, metavar="0,1,2", show_default=False, help="seeds (default: the preset's)"),
+]
+Rounds = Annotated[int | None, typer.Option(show_default=False, help="override num-server-rounds")]
+DataDir = Annotated[str, typer.Option(help="directory of the downloaded data sets")]
+Download = Annotated[bool, typer.Option("--download", help="allow downloading the data set")]
+
+
+@app.command("list")
+def list_presets() -> int:
+    """List the presets."""
+    for name in available_presets():
+        print(_describe(name))
+    return 0
+
+
+def _plan(preset: str, runs: Path, dataset: str, seeds, rounds, data_dir: str, download: bool):
+    try:
+        return plan_runs(
+            preset,
+            out=runs,
+            download=download,
+            dataset=dataset,
+            seeds=seeds,
+            rounds=rounds,
+            data_dir=data_dir,
         )
-        p.add_argument("--runs", type=Path, default=Path("runs/sweeps"), help="where run directories go")
-        p.add_argument("--out", type=Path, default=Path("docs/results"), help="where tables and plots go")
-        p.add_argument("--seeds", type=_seeds, default=None, help="e.g. 0,1,2 (default: the preset's)")
-        p.add_argument("--rounds", type=int, default=None, help="override num-server-rounds")
-        p.add_argument("--data-dir", default="", help="directory of the downloaded data sets")
-        p.add_argument("--download", action="store_true", help="allow downloading the data set")
-        if name == "reproduce":
-            p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per client")
-            p.add_argument("--num-gpus", type=float, default=0.0, help="Ray GPUs per client")
-            p.add_argument("--ray-address", default=None, help="join a running Ray cluster")
-            p.add_argument("--dry-run", action="store_true", help="list the runs without running them")
-    return parser
+    except ConfigError as e:  # e.g. --dataset nosuch, --rounds 0
+        raise UserError(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fl-compams`` command."""
-    args = _parser().parse_args(argv)
-    if args.command == "list":
-        for name in available_presets():
-            print(f"{name:20s} {load_preset(name).get('preset', {}).get('description', '')}")
+@app.command(
+    help=f"Run a preset's missing runs (finished runs are skipped), then write its report.\n\n{_PRESETS}"
+)
+def reproduce(
+    preset: Preset,
+    dataset: Dataset = "digits",
+    runs: Runs = Path("runs/sweeps"),
+    out: Out = Path("docs/results"),
+    seeds: Seeds = None,
+    rounds: Rounds = None,
+    data_dir: DataDir = "",
+    download: Download = False,
+    num_cpus: Annotated[float, typer.Option(help="Ray CPUs per client")] = 1.0,
+    num_gpus: Annotated[float, typer.Option(help="Ray GPUs per client")] = 0.0,
+    ray_address: Annotated[str | None, typer.Option(help="join a running Ray cluster")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs without running them")] = False,
+) -> int:
+    """Run a preset's missing runs (finished runs are skipped), then write its report."""
+    planned = _plan(preset, runs, dataset, seeds, rounds, data_dir, download)
+    todo = [r for r in planned if not is_complete(r)]
+    print(f"{preset}: {len(planned)} runs, {len(planned) - len(todo)} already complete, {len(todo)} to run")
+    if dry_run:
+        for r in todo:
+            print(f"  {r.key} seed {r.seed}: {r.num_supernodes} clients, {r.rounds} rounds -> {r.run_dir}")
         return 0
-    kwargs = dict(dataset=args.dataset, seeds=args.seeds, rounds=args.rounds, data_dir=args.data_dir)
-    runs = plan_runs(args.preset, out=args.runs, download=args.download, **kwargs)
-    if args.command == "reproduce":
-        todo = [r for r in runs if not is_complete(r)]
-        print(
-            f"{args.preset}: {len(runs)} runs, {len(runs) - len(todo)} already complete, {len(todo)} to run"
-        )
-        if args.dry_run:
-            for r in todo:
-                print(
-                    f"  {r.key} seed {r.seed}: {r.num_supernodes} clients, {r.rounds} rounds -> {r.run_dir}"
-                )
-            return 0
-        _run_all(todo, args)
+    _run_all(todo, num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address)
+    return _write(preset, runs, out, dataset)
+
+
+@app.command(
+    help=f"Write a preset's report (tables, plots, summary.json) from the runs that exist.\n\n{_PRESETS}"
+)
+def report(
+    preset: Preset,
+    dataset: Dataset = "digits",
+    runs: Runs = Path("runs/sweeps"),
+    out: Out = Path("docs/results"),
+    seeds: Seeds = None,
+    rounds: Rounds = None,
+    data_dir: DataDir = "",
+    download: Download = False,
+) -> int:
+    """Write a preset's report (tables, plots, summary.json) from the runs that exist."""
+    _plan(preset, runs, dataset, seeds, rounds, data_dir, download)  # the same checks as reproduce
+    return _write(preset, runs, out, dataset)
+
+
+def _write(preset: str, runs: Path, out: Path, dataset: str) -> int:
     from simulations.report.write import write_report
 
-    path = write_report(args.preset, runs_root=args.runs, out_root=args.out, dataset=args.dataset)
+    path = write_report(preset, runs_root=runs, out_root=out, dataset=dataset)
     print(f"report: {path}")
     return 0
 
 
-def _run_all(todo, args) -> None:
+def _run_all(todo, *, num_cpus: float, num_gpus: float, ray_address: str | None) -> None:
+    from tqdm import tqdm
+
     from simulations.runner import run_experiment
 
     started = time.perf_counter()
@@ -91,15 +169,20 @@ def _run_all(todo, args) -> None:
         run_experiment(
             r.overrides,
             num_supernodes=r.num_supernodes,
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            ray_address=args.ray_address,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            ray_address=ray_address,
             on_round=lambda row, bar=bar: bar.update(1) if row["round"] > 0 else None,
         )
         bar.close()
         overall.update(1)
     overall.close()
     print(f"ran {len(todo)} runs in {time.perf_counter() - started:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fl-compams`` command (pyproject's console script): returns the exit code."""
+    return run_app(app, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Virtual clients see the run config, as deployed ones do, and a run that can be r
 ``checkpoint-every > 0`` or ``resume``) gives them the node config ``state-dir = <run dir>/client-state``: they
 persist their state as SuperNodes with ``state-dir`` do, so that a resumed simulation continues with the
 residuals (and QAdam moments, round counters) the clients had, which a new simulation's contexts do not carry.
-Other runs write no client state (they could not use it).
+They also get ``keep-state = true``: the state stays with the run's results when the run ends, since a finished
+run may be resumed with more rounds. Other runs write no client state (they could not use it).
 """
 
 from __future__ import annotations
@@ -95,13 +96,16 @@ def virtual_node_config(cfg: ExperimentConfig) -> dict[str, str]:
     A run can be resumed when it has a ``run-name`` and writes checkpoints (or is itself a resumption); its
     clients then mirror their state to ``<run dir>/client-state`` (see the module docstring).
     """
-    from clients.state_io import STATE_DIR_KEY
+    from clients.state_io import KEEP_STATE_KEY, STATE_DIR_KEY
     from strategies.results import resolve_run_dir
 
     out = cfg.output
     if not (out.run_name and (out.checkpoint_every or out.resume)):
         return {}
-    return {STATE_DIR_KEY: str(resolve_run_dir(out.out_dir, out.run_name) / "client-state")}
+    return {
+        STATE_DIR_KEY: str(resolve_run_dir(out.out_dir, out.run_name) / "client-state"),
+        KEEP_STATE_KEY: "true",  # kept at the run's end: a finished run may be resumed with more rounds
+    }
 
 
 def _simulate(server_app, client_app, num_supernodes: int, backend_config: dict, verbose: bool) -> None:

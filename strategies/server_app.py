@@ -37,6 +37,7 @@ from strategies import validate
 from strategies.comp_ams import CompAMS
 from strategies.naming import NodeNames
 from strategies.results import ResultsDir, check_fresh, resolve_run_dir
+from strategies.run_end import end_run
 from strategies.traffic import RoundTraffic, sorted_by_label, traffic_row
 from strategies.wire import wire_bytes
 from tasks.partition import partition_stats
@@ -129,6 +130,9 @@ def run_server(
             run_grid, initial_arrays=strategy.current_arrays(), train_config=ConfigRecord(), **start
         )
     results.save_model(unflatten(strategy.public_model().cpu(), spec))  # the model clients hold
+    end_run(
+        grid, labels, min(timeout, 60.0)
+    )  # the true end: nodes remove the run's state files (or keep them)
     return results.path
 
 

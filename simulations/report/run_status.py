@@ -5,11 +5,14 @@ python -m simulations.report.run_status RUN_DIR [--status-json "$(flwr ls CONN -
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
+import typer
+
+from simulations.cli_base import UserError, new_app, run_app
 from simulations.report.load import has_metrics, read_rows
 
 
@@ -33,28 +36,41 @@ def summary(run_dir: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--status-json", default="", help="output of `flwr ls <connection> --format json`")
-    parser.add_argument("--wall-s", type=float, default=None, help="wall time of the whole command")
-    args = parser.parse_args(argv)
-    if args.status_json:
-        status = json.loads(args.status_json)
-        runs = status.get("runs", [])
+app = new_app(__doc__.split("\n\n")[0])
+
+
+@app.command()
+def run_status(
+    run_dir: Annotated[Path, typer.Argument(show_default=False)],
+    status_json: Annotated[str, typer.Option(help="output of `flwr ls <connection> --format json`")] = "",
+    wall_s: Annotated[float | None, typer.Option(help="wall time of the whole command")] = None,
+) -> int:
+    """Print RUN_DIR's summary as JSON; exit 1 if the run failed (flwr's status or no results)."""
+    if status_json:
+        try:
+            status = json.loads(status_json)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"--status-json is not JSON ({e}): pass the output of `flwr ls ... --format json`"
+            ) from None
+        runs = status.get("runs", []) if isinstance(status, dict) else []
         latest = max(runs, key=lambda r: r.get("pending-at", "")) if runs else {}
         if latest and "failed" in str(latest.get("status", "")):
             print(f"flwr run failed: {json.dumps(latest)}", file=sys.stderr)
             return 1
-    if not has_metrics(args.run_dir):
-        print(f"no results at {args.run_dir}: the run failed before writing them", file=sys.stderr)
+    if not has_metrics(run_dir):
+        print(f"no results at {run_dir}: the run failed before writing them", file=sys.stderr)
         return 1
-    info = summary(args.run_dir)
-    if args.wall_s is not None:
-        info["command_wall_s"] = args.wall_s
+    info = summary(run_dir)
+    if wall_s is not None:
+        info["command_wall_s"] = wall_s
     print(json.dumps(info, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: the exit code (2 for a usage mistake, one line on stderr)."""
+    return run_app(app, argv, "run_status")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Deployment-style: the ClientApp's own ``train`` handler, a node config with ``st
 fresh ``Context`` (a resumed run gets a new Flower run id and new, empty contexts), as a SuperNode builds them.
 """
 
+import logging
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import persist, state_io
-from clients.client_app import train
+from clients.client_app import end, train
 from fl_compams import parse_config, protocol
 from fl_compams.algorithm import Outcome, Status
 from tasks.task import model_for_task
@@ -184,3 +185,88 @@ def test_run_key_names_the_run_safely():
     assert state_io.run_key_for("/r", "", 5) == "flower-run-5" != state_io.run_key_for("/r", "", 6)
     assert state_io.run_key_for("/r", "a", 1) != state_io.run_key_for("/r2", "a", 1)
     assert state_io.run_key_for("runs", "a", 1) != state_io.run_key_for("/abs/runs", "a", 1)  # as written
+
+
+def restore_lines(records) -> list[str]:
+    return [
+        r.getMessage() for r in records if r.name == "flwr.clients.state_io" and r.levelno == logging.INFO
+    ]
+
+
+def test_one_log_line_for_a_restored_state_and_one_for_a_fresh_start(tmp_path, caplog):
+    """The SuperNode's log says which round a restored state came from and its size, or that the node starts fresh."""
+    caplog.set_level(logging.INFO, logger="flwr")
+    ctx = node_context(tmp_path, run_id=101)
+    train_metrics(instruction(1), ctx)
+    (fresh,) = restore_lines(caplog.records)  # round 1: nothing on disk yet
+    path = state_io.state_file(ctx)
+    assert "partition-1" in fresh and "no state file" in fresh and "fresh" in fresh and "round 1" in fresh
+    assert str(path) in fresh
+    caplog.clear()
+    train_metrics(instruction(2, (Status(1, Outcome.APPLIED, 1.0),)), ctx)
+    assert restore_lines(caplog.records) == []  # the state was in memory: nothing restored, nothing logged
+    size = path.stat().st_size
+    caplog.clear()
+    resumed = node_context(tmp_path, run_id=202)  # a restarted SuperNode (or server) with empty contexts
+    train_metrics(instruction(3, (Status(2, Outcome.APPLIED, 1.0),)), resumed)
+    (restored,) = restore_lines(caplog.records)
+    assert "restored the client state of round 2" in restored and f"({size} bytes," in restored
+    assert str(path) in restored and "for round 3" in restored
+
+
+def end_message():
+    return Message(content=RecordDict(), message_type=protocol.END_MESSAGE_TYPE, dst_node_id=7)
+
+
+def test_the_end_of_the_run_removes_the_nodes_state_files(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="flwr")
+    ctx = node_context(tmp_path, run_id=101)
+    first_run(tmp_path)  # rounds 1 and 2 in another context of the same run: both files on disk
+    path = state_io.state_file(ctx)
+    assert path.exists() and persist.previous_path(path).exists()
+    reply = end(end_message(), ctx)
+    info = reply.content[protocol.END_INFO]
+    assert (info[protocol.REMOVED], info[protocol.KEPT]) == (2, 0)
+    assert not path.parent.exists()  # the run's directory went with its last file; the state-dir stays
+    assert tmp_path.exists() and len(ctx.state) == 0
+    assert any("run ended: removed 2 client state file(s)" in r.getMessage() for r in caplog.records)
+    # A run that starts again under that name finds nothing: a fresh start, as for a new run.
+    again = node_context(tmp_path, run_id=303)
+    assert train_metrics(instruction(1), again)[protocol.RESIDUAL_NORM_IN] == 0.0
+
+
+@pytest.mark.parametrize("flag", [True, "true", "True", "ture"])
+def test_keep_state_keeps_the_files_at_the_end_of_the_run(tmp_path, caplog, flag):
+    first_run(tmp_path)
+    ctx = node_context(tmp_path, run_id=101)
+    ctx.node_config[state_io.KEEP_STATE_KEY] = flag
+    path = state_io.state_file(ctx)
+    before = path.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        info = end(end_message(), ctx).content[protocol.END_INFO]
+    assert (info[protocol.REMOVED], info[protocol.KEPT]) == (0, 2)
+    assert path.read_bytes() == before and persist.previous_path(path).exists()
+    assert any("not true or false" in r.getMessage() for r in caplog.records) == (
+        flag == "ture"
+    )  # a typo keeps
+    # ... and a resumed run (new Flower run id, same run-name) continues from them.
+    resumed = node_context(tmp_path, run_id=202)
+    got = train_metrics(instruction(3, (Status(2, Outcome.APPLIED, 1.0),)), resumed)
+    assert got[protocol.STATE_ROUNDS] == 3 and got[protocol.RESIDUAL_NORM_IN] > 0
+
+
+@pytest.mark.parametrize("flag", [False, "false", ""])
+def test_keep_state_false_removes(tmp_path, flag):
+    first_run(tmp_path)
+    ctx = node_context(tmp_path, run_id=101)
+    ctx.node_config[state_io.KEEP_STATE_KEY] = flag
+    info = end(end_message(), ctx).content[protocol.END_INFO]
+    assert (info[protocol.REMOVED], info[protocol.KEPT]) == (2, 0)
+
+
+def test_the_end_without_a_state_dir_removes_nothing(tmp_path):
+    ctx = Context(
+        run_id=1, node_id=7, node_config=dict(NODE), state=RecordDict(), run_config=dict(RUN_CONFIG)
+    )
+    info = end(end_message(), ctx).content[protocol.END_INFO]
+    assert (info[protocol.REMOVED], info[protocol.KEPT]) == (0, 0) and not any(tmp_path.iterdir())

@@ -104,7 +104,10 @@ def test_insecure_deployment_partitions_state_dir_and_bytes_match_simulation(
     dep = deployment()
     state_dirs = {i: tmp_path / f"state-{i}" for i in range(2)}
     for i in range(2):
-        dep.start_supernode(f"p{i}", f"partition-id={i} num-partitions=2 state-dir='{state_dirs[i]}'")
+        # keep-state: the files stay after the run's end, so the test can compare them (test_tls_...: removed).
+        dep.start_supernode(
+            f"p{i}", f"partition-id={i} num-partitions=2 state-dir='{state_dirs[i]}' keep-state=true"
+        )
     started = time.monotonic()
     run = finish(dep, dep.start_run(run_config(tmp_path / "runs", "insecure")))
     print(f"deployment run: {time.monotonic() - started:.1f} s")
@@ -191,9 +194,13 @@ def test_tls_deployment_with_node_data_files_and_a_bad_node(deployment, tmp_path
     assert sorted(visits) == [587, 851]  # the sizes of the two exported partitions
     for v in visits.values():
         assert_residual_chain(v)
+    # The run ended: both nodes removed their state files of the run (no keep-state), and the run's directory.
     run_id = int(run["run-id"])
+    run_key = state_io.run_key_for(str(tmp_path / "runs"), "tls", run_id)
     for i in range(2):
-        assert saved_state(tmp_path / "state", tmp_path / "runs", "tls", run_id, f"node-edge-{i}") is not None
+        path = persist.state_path(tmp_path / "state", run_key, f"node-edge-{i}")
+        assert not path.exists() and not persist.previous_path(path).exists()
+    assert not (tmp_path / "state" / f"run-{run_key}").exists()
     assert_bytes_match(rows, simulation[:3])
 
 
