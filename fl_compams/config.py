@@ -269,7 +269,12 @@ _REST: tuple[Key, ...] = (
 _LAQ: tuple[Key, ...] = (
     key("laq-xi", 0.8, NONNEG_FLOAT, "LAQ: weight xi of the model-change history in the skip rule (7a)", _S),
     key("laq-history", 10, POS_INT, "LAQ: model changes D in the skip rule's history", _S),
-    key("laq-max-skip", 100, POS_INT, "LAQ: t-bar, the most rounds a worker skips in a row"),
+    key(
+        "laq-max-skip",
+        100,
+        NONNEG_INT,
+        "LAQ: t-bar, the most rounds a worker skips in a row (0: never skip, i.e. quantized GD)",
+    ),
     key(
         "laq-expire-rounds",
         10,

@@ -88,7 +88,7 @@ class LazyConfig:
     """LAQ's trigger and aggregator settings.
 
     ``xi`` (>= 0): total weight of the model-change history (``xi_d = xi / min(k, D)``); ``history`` = D (>= 1);
-    ``max_skip`` = t_bar (>= 1), the most consecutive skips; ``expire_rounds`` (>= 1): rounds without a reply
+    ``max_skip`` = t_bar (>= 0), the most consecutive skips (0: never skip, i.e. quantized GD); ``expire_rounds`` (>= 1): rounds without a reply
     after which the server drops a worker from the aggregate; ``stochastic``: SLAQ (minibatches, the code's
     threshold). ``error_weight`` is the 3 of (7a) (times 0.5 for SLAQ) and ``constant`` SLAQ's 0.2; tests set
     both to 0 with ``xi = 0`` to get the zero threshold.
@@ -105,10 +105,10 @@ class LazyConfig:
     def __post_init__(self) -> None:
         if not (self.xi >= 0 and math.isfinite(self.xi)):
             raise ValueError(f"laq: xi must be a finite number >= 0, got {self.xi!r}")
-        for name in ("history", "max_skip", "expire_rounds"):
+        for name, least in (("history", 1), ("max_skip", 0), ("expire_rounds", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"laq: {name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"laq: {name} must be an integer >= {least}, got {value!r}")
         if self.error_weight is None:
             object.__setattr__(self, "error_weight", 3.0 * (SLAQ_ERROR_FACTOR if self.stochastic else 1.0))
         if self.constant is None:

@@ -157,6 +157,16 @@ def test_zero_thresholds_give_plain_quantized_gd_exactly():
         assert torch.equal(thetas[k + 1], theta), k
 
 
+def test_max_skip_zero_never_skips_and_equals_zero_thresholds():
+    """t-bar = 0 forces an upload every round: the configurable form of quantized GD (the LAQ baseline)."""
+    zero = LazyConfig(xi=0.0, error_weight=0.0, constant=0.0)
+    _, _, uploads, thetas = run(algo(LazyConfig(max_skip=0)), Problem(), 20)
+    _, _, _, reference = run(algo(zero), Problem(), 20)
+    assert all(len(u) == 20 for u in uploads.values())
+    assert all(torch.equal(a, b) for a, b in zip(thetas, reference, strict=True))
+    assert parse_config({"algorithm": "laq", "laq-max-skip": 0}).laq.laq_max_skip == 0
+
+
 def test_default_rule_skips_and_still_converges():
     algorithm, problem = algo(), Problem()
     state, _, uploads, _ = run(algorithm, problem, 150)
@@ -266,7 +276,7 @@ def test_checkpoint_keeps_the_lazy_state(tmp_path):
         {"laq-bits": 17},
         {"laq-xi": -0.1},
         {"laq-history": 0},
-        {"laq-max-skip": 0},
+        {"laq-max-skip": -1},
         {"laq-expire-rounds": 0},
         {"fraction-train": 0.5},
         {"local-steps": 2},
