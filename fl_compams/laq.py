@@ -88,10 +88,10 @@ class LazyConfig:
     """LAQ's trigger and aggregator settings.
 
     ``xi`` (>= 0): total weight of the model-change history (``xi_d = xi / min(k, D)``); ``history`` = D (>= 1);
-    ``max_skip`` = t_bar (>= 0), the most consecutive skips (0: never skip, i.e. quantized GD); ``expire_rounds`` (>= 1): rounds without a reply
-    after which the server drops a worker from the aggregate; ``stochastic``: SLAQ (minibatches, the code's
-    threshold). ``error_weight`` is the 3 of (7a) (times 0.5 for SLAQ) and ``constant`` SLAQ's 0.2; tests set
-    both to 0 with ``xi = 0`` to get the zero threshold.
+    ``max_skip`` = t_bar (>= 0), the most consecutive skips (0: never skip, i.e. quantized GD);
+    ``expire_rounds`` (>= 1): rounds without a reply after which the server drops a worker from the aggregate;
+    ``stochastic``: SLAQ (minibatches, the code's threshold). ``error_weight`` is the 3 of (7a) (times 0.5 for
+    SLAQ) and ``constant`` SLAQ's 0.2; tests set both to 0 with ``xi = 0`` to get the zero threshold.
     """
 
     xi: float = 0.8
