@@ -103,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         protocol.FOLDED_NORM: begun.folded_norm,
         protocol.REMOVED_NORM: begun.removed_norm,
         protocol.STATE_ROUNDS: worker.rounds,
+        **{protocol.STATE_BYTES[slot]: n for slot, n in state_io.state_bytes(worker).items() if n},
     }
     record = ConfigRecord(
         {

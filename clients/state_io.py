@@ -201,33 +201,27 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     state[COUNTERS_RECORD] = ConfigRecord({ROUNDS_KEY: int(worker.rounds)})
 
 
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def state_bytes(worker: WorkerState) -> dict[str, int]:
-    """Bytes of each slot of a worker's state (design.md section 7, "State size")."""
-    sizes = {
-        "residual": worker.residual.numel() * worker.residual.element_size()
-        if worker.residual is not None
-        else 0,
-        "pending": len(worker.pending.payload) if worker.pending is not None else 0,
-        "local_opt": 0,
-        "local_change": worker.local_change.change.numel() * worker.local_change.change.element_size()
-        if worker.local_change is not None
-        else 0,
-        "replica": worker.replica.numel() * worker.replica.element_size()
-        if worker.replica is not None
-        else 0,
-        "momentum": worker.momentum.m.numel() * worker.momentum.m.element_size()
-        if worker.momentum is not None
-        else 0,
-        "lazy": 0,
+    """Bytes of each slot of a worker's state, by ``protocol.STATE_SLOTS`` name (design.md section 7, "State size").
+
+    Tensors count their elements; the pending reply its wire bytes; LAQ's slot its last upload plus its three
+    float64 scalars and the clock.
+    """
+    w = worker
+    lazy = w.lazy
+    return {
+        "residual": _nbytes(w.residual),
+        "pending": len(w.pending.payload) if w.pending is not None else 0,
+        "local_opt": _nbytes(w.local_opt.m, w.local_opt.v) if w.local_opt is not None else 0,
+        "local_change": _nbytes(w.local_change.change) if w.local_change is not None else 0,
+        "replica": _nbytes(w.replica),
+        "momentum": _nbytes(w.momentum.m) if w.momentum is not None else 0,
+        "lazy": _nbytes(lazy.q) + 4 * 8 if lazy is not None else 0,
     }
-    if worker.lazy is not None:  # last upload (d floats) + 3 float64 + the clock
-        q = worker.lazy.q
-        sizes["lazy"] = (q.numel() * q.element_size() if q is not None else 0) + 4 * 8
-    if worker.local_opt is not None:
-        sizes["local_opt"] = sum(
-            t.numel() * t.element_size() for t in (worker.local_opt.m, worker.local_opt.v)
-        )
-    return sizes
 
 
 def run_key_for(out_dir: str, run_name: str, run_id: int) -> str:

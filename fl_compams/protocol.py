@@ -67,6 +67,10 @@ STATE_ROUNDS = "state-rounds"
 WORK_STEPS = "work-steps"
 STALENESS = "staleness"
 LOCAL_VARIANCE = "local-variance"
+#: Bytes of each slot of a client's state after its reply (design.md section 7, "State size"), one metric per
+#: slot that holds anything: ``state-bytes-<slot>``.
+STATE_SLOTS = ("residual", "pending", "local_opt", "local_change", "replica", "momentum", "lazy")
+STATE_BYTES = {slot: f"state-bytes-{slot.replace('_', '-')}" for slot in STATE_SLOTS}
 
 #: Run-config keys a client needs (``config.client_keys()``: every key whose ``side`` is "client", compressor
 #: keys included); the server sends them in every instruction, so clients work the same under ``flwr run`` and

@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from fl_compams import protocol
 from fl_compams.nodes import label_sort_key
 from strategies.wire import wire_bytes
 
@@ -40,6 +41,19 @@ class RoundTraffic:
     #: Two-way compression: instructions that carried the dense model (None = one-way, every one does).
     downlink_resyncs: int | None = None
     downlink_theory_bits: float = 0.0
+
+    def state_bytes(self) -> dict[str, dict[str, float]]:
+        """Per state slot, the mean and max bytes over the clients whose reply counted (slots some client holds).
+
+        A client that reports no bytes for a slot holds none (it sends only the slots that hold anything).
+        """
+        rows = [self.per_client[label] for label in self.ok if label in self.per_client]
+        out = {}
+        for slot in protocol.STATE_SLOTS:
+            values = [int(row.get(f"state_bytes_{slot}", 0)) for row in rows]
+            if any(values):
+                out[slot] = {"mean": sum(values) / len(values), "max": max(values)}
+        return out
 
     def record_instructions(self, messages: Iterable[Message], label_of: Callable[[int], str]) -> None:
         """Downlink: the serialised size of every instruction (each distinct content measured once)."""
@@ -112,6 +126,7 @@ def traffic_row(traffic: RoundTraffic | None, totals: dict[str, int]) -> dict[st
         "update_applied": traffic.applied,
         "failures": dict(sorted(traffic.failures.items())),
         "residual_norm": traffic.residual_norm,
+        "state_bytes": traffic.state_bytes(),
         "clients": traffic.per_client,
     }
 

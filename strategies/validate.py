@@ -77,6 +77,7 @@ TRAIN_METRICS: Mapping[str, tuple[str, bool]] = {
     protocol.STATE_ROUNDS: (_COUNT, False),
     protocol.WORK_STEPS: (_COUNT, False),
     protocol.STALENESS: (_COUNT, False),
+    **{name: (_COUNT, False) for name in protocol.STATE_BYTES.values()},
 }
 _SHOWN = 60  # characters of a bad value quoted in a message (a value may be a list of a million numbers)
 

@@ -91,3 +91,10 @@ def test_laq_slot_and_its_pending_upload_round_trip_without_a_residual():
     assert state_io.load_worker_state(state, 4, CPU).lazy is not None  # Q = 0 fits any model
     state_io.save_worker_state(state, worker)
     assert state_io.load_worker_state(state, 4, CPU).lazy is None  # a Q of another model size: fresh
+
+
+def test_state_bytes_names_every_protocol_slot():
+    """The slots clients report (``state-bytes-<slot>``) are exactly the ones the server summarises."""
+    from fl_compams import protocol
+
+    assert tuple(state_io.state_bytes(WorkerState())) == protocol.STATE_SLOTS
