@@ -68,7 +68,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         f"Regenerate: `{_command(preset, dataset)}` (runs that already exist are skipped; "
         f"`fl-compams report {preset}` redraws from the files).",
         "",
-        f"Seeds per method: {sorted({len(s) for s in sweep.values()}) or '—'}; mean ± std over seeds.",
+        f"Seeds per method: {_seed_counts(sweep)}; mean ± std over seeds.",
         "",
     ]
     plots: list[tuple[str, Path]] = []
@@ -89,7 +89,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         )
     elif preset == "heterogeneity":
         lines += _heterogeneity(sweep, rows, out, plots)
-    elif preset == "seed-systems":
+    elif preset in ("seed-systems", "laq-uploads"):
         lines += _seed_systems(rows)
         curve("Test accuracy per round", "accuracy_vs_round.png", "accuracy", f"{preset}: test accuracy")
         curve(
@@ -150,6 +150,14 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def _seed_counts(sweep) -> str:
+    """``3`` when every method has 3 seeds, ``2 to 3`` when they differ, ``—`` for none."""
+    counts = sorted({len(s) for s in sweep.values()})
+    if not counts:
+        return "—"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
 
 
 def _seed_systems(rows: list[dict]) -> list[str]:

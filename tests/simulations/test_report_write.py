@@ -45,6 +45,7 @@ def test_report_from_fake_result_files(tmp_path):
     readme = write_report("accuracy-vs-bits", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
     text = readme.read_text()
     assert "| topk-0.01-ef | 2 |" in text and "50.0" in text  # 1000 / 20 bytes: the ratio vs full precision
+    assert "Seeds per method: 2;" in text
     assert (readme.parent / "accuracy_vs_uplink_bytes.png").stat().st_size > 1000
     summary = json.loads((readme.parent / "summary.json").read_text())
     assert set(summary["curves"]) == {"full-precision", "topk-0.01-ef"}
@@ -87,3 +88,15 @@ def test_plot_and_table_use_the_same_smoothed_train_loss(tmp_path, monkeypatch):
     assert not np.allclose(mean, raw_mean)  # it is smoothed
     (title,) = titles
     assert f"mean of last {SMOOTH_WINDOW} rounds" in title
+
+
+def test_seed_systems_report_shows_bytes_both_ways_and_uploads(tmp_path):
+    runs = plan_runs("seed-systems", out=tmp_path / "runs", seeds=[0], rounds=4)
+    for r in runs:
+        if r.key in ("full-precision", "laq-8bit"):
+            _fake_run(r.run_dir, 4, 0.25, 1000 if r.key == "full-precision" else 100)
+    readme = write_report("seed-systems", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    text = readme.read_text()
+    assert "downlink B/client/round" in text and "uploads to 95%" in text and "bytes up + down to 95%" in text
+    assert (readme.parent / "accuracy_vs_total_bytes.png").exists()
+    assert (readme.parent / "accuracy_vs_uploads.png").exists()
