@@ -47,13 +47,8 @@ def weighted_mean(
     if len(payloads) != len(weights):
         raise ValueError(f"got {len(payloads)} payloads but {len(weights)} weights")
     out = torch.zeros(dim, dtype=dtype, device=device)
-    groups: dict[type, tuple[list[Payload], list[float]]] = {}
     for payload, w in zip(payloads, weights, strict=True):
         if payload.dim != dim:
             raise ValueError(f"payload has dimension {payload.dim}, expected {dim}")
-        same = groups.setdefault(type(payload), ([], []))
-        same[0].append(payload.to(device))
-        same[1].append(w)
-    for cls, (members, ws) in groups.items():  # payloads of one class may share a kernel
-        cls.add_all_to(out, members, ws)
+        payload.to(device).add_to(out, w)
     return out

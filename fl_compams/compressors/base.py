@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -107,16 +107,6 @@ class Payload:
     def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
         """``out += weight * decode(self)``, in place."""
         out.add_(self.decode().to(out.dtype), alpha=weight)
-
-    @classmethod
-    def add_all_to(cls, out: torch.Tensor, payloads: Sequence[Payload], weights: Sequence[float]) -> None:
-        """``out += sum_i weights[i] * decode(payloads[i])`` for payloads of this class, in order.
-
-        One payload at a time here; a class whose payloads can be added in one kernel overrides it (the
-        server's aggregation calls it once per payload class).
-        """
-        for payload, w in zip(payloads, weights, strict=True):
-            payload.add_to(out, w)
 
     def norm(self) -> float:
         """l2 norm of the decoded vector."""

@@ -10,7 +10,7 @@ Wangni et al. (NeurIPS 2018, MVSS).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -73,19 +73,6 @@ class SparsePayload(Payload):
     def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
         """``out += weight * decode(self)`` by scatter-add of the k values."""
         out.index_add_(0, self.indices, self.values.to(out.dtype), alpha=weight)
-
-    @classmethod
-    def add_all_to(cls, out: torch.Tensor, payloads: Sequence[Payload], weights: Sequence[float]) -> None:
-        """All payloads' weighted values in one scatter-add (one kernel instead of one per client).
-
-        Bit-identical to adding them one by one: each value is scaled by its weight in ``out``'s dtype as
-        ``index_add_``'s ``alpha`` does, and the concatenation keeps the payloads' order.
-        """
-        if len(payloads) < 2:
-            return super().add_all_to(out, payloads, weights)
-        indices = torch.cat([p.indices for p in payloads])
-        values = torch.cat([p.values.to(out.dtype) * w for p, w in zip(payloads, weights, strict=True)])
-        out.index_add_(0, indices, values)
 
     def norm(self) -> float:
         """l2 norm of the decoded vector (from the k values)."""

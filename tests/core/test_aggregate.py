@@ -58,24 +58,6 @@ def test_blocksign_add_to_matches_decode():
     assert torch.allclose(out, 1 + 0.5 * p.decode())
 
 
-@pytest.mark.parametrize("name", ["topk", "randk", "identity", "blocksign", "signtopk"])
-def test_batched_aggregation_is_bit_identical_to_one_payload_at_a_time(name):
-    """weighted_mean adds payloads of one class together (one scatter-add for sparse ones): same bits."""
-    d, gen = 10_007, torch.Generator().manual_seed(3)
-    sizes = (5_000, 5_007)
-    c = make_compressor(name, ratio=0.05) if name in ("topk", "randk", "signtopk") else make_compressor(name)
-    if name == "blocksign":
-        c = make_compressor(name, block_sizes=sizes)
-    payloads = [
-        c.encode(torch.randn(d, generator=gen), rng=torch.Generator().manual_seed(i)) for i in range(7)
-    ]
-    weights = [0.1, 0.3, 0.05, 0.2, 0.15, 0.1, 0.1]
-    one_by_one = torch.zeros(d)
-    for p, w in zip(payloads, weights, strict=True):
-        p.add_to(one_by_one, w)
-    assert torch.equal(weighted_mean(payloads, weights, d), one_by_one)
-
-
 def test_payload_to_its_own_device_is_itself():
     p = make_compressor("topk", ratio=0.1).encode(torch.randn(100))
     assert p.to("cpu") is p
