@@ -339,7 +339,7 @@ ALGORITHMS: dict[str, Mapping[str, Any]] = {
         "error-feedback": False,
         "server-opt": "sgd",
         "server-momentum": 0.0,
-        "update-norm-bound": "off",
+        "update-norm-action": "reject",
         "downlink-compressor": "identity",
     },
     # Qsparse-local-SGD (Basu et al.): H local SGD steps, QComp (the compressor) of memory + net local change in
@@ -617,8 +617,11 @@ def _lazy_step(
     """LAQ's server: ``nabla = sum_m Q_m`` with this round's innovations, ``theta -= alpha nabla``; expiry.
 
     The model steps when at least ``min_valid_replies`` workers replied (uploads and skips); otherwise the
-    uploads count as lost. The reply bound does not apply (``algorithm = "laq"`` fixes it off): innovation norms
-    shrink as workers converge and a forced upload is large, so a bound learnt from them rejects honest uploads.
+    uploads count as lost. The reply bound applies to what an upload would make the worker's stored gradient,
+    ``||Q_m + dQ_m||``, against the stored gradients of every worker in the sum (innovations shrink as workers
+    converge and a forced upload is large, so a bound on innovations would reject honest uploads; gradients
+    do not jump tenfold). An upload above it is rejected whatever ``update-norm-action`` says (a clipped
+    innovation would leave the worker's and the server's copies of Q apart): the worker keeps its Q.
     """
     cfg = algorithm.lazy
     unacked = acknowledge(state, replies)
@@ -627,22 +630,30 @@ def _lazy_step(
     lazy = state.lazy if state.lazy is not None else laq.server_init(state.theta)
     statuses: dict[str, Status] = {}
     applied = len(replies) >= algorithm.min_valid_replies
-    norms = {r.label: _norm(r.payload) for r in uploads}
+    dqs = {r.label: r.payload.decode().to(device=state.theta.device) for r in uploads}
+    norms = {label: laq.stored_norm(lazy, label, dq) for label, dq in dqs.items()}
+    others = tuple(float(torch.linalg.vector_norm(q)) for label, q in lazy.q.items() if label not in norms)
+    bound = algorithm.bound.limit(state.recent_norms, (*norms.values(), *others))
+    rejected = {label for label, n in norms.items() if algorithm.bound.factor(n, bound) < 1.0}
     if applied:
-        dqs = {r.label: r.payload.decode().to(device=state.theta.device) for r in uploads}
-        lazy = laq.server_receive(lazy, round, dqs, [r.label for r in replies])
+        kept = {label: dq for label, dq in dqs.items() if label not in rejected}
+        lazy = laq.server_receive(lazy, round, kept, [r.label for r in replies])
         delta, opt_state = algorithm.server_opt.update(lazy.nabla.to(state.theta.dtype), state.opt_state)
         state = state._replace(theta=state.theta + delta, opt_state=opt_state)
         lazy = laq.server_record_change(cfg, lazy, delta)
     for r in uploads:
-        statuses[r.label] = (
-            Status(round, Outcome.APPLIED, 1.0) if applied else Status(round, Outcome.LOST, 0.0)
-        )
+        if r.label in rejected:
+            statuses[r.label] = Status(round, Outcome.REJECTED, 0.0)
+        else:
+            statuses[r.label] = (
+                Status(round, Outcome.APPLIED, 1.0) if applied else Status(round, Outcome.LOST, 0.0)
+            )
     for label in lost:
         statuses.setdefault(label, Status(round, Outcome.LOST, 0.0))
     for label, status in statuses.items():
         unacked[label] = (*unacked.get(label, ()), status)
     lazy, expired = laq.server_expire(cfg, lazy, round)
-    state = state._replace(round=round, unacked=unacked, lazy=lazy)
-    weights = {r.label: 1.0 for r in uploads} if applied else {}
-    return state, StepReport(statuses, applied, weights, norms, math.inf, skipped, expired)
+    recent = algorithm.bound.observe(state.recent_norms, tuple(norms.values()), bound)
+    state = state._replace(round=round, unacked=unacked, lazy=lazy, recent_norms=recent)
+    weights = {r.label: 1.0 for r in uploads if r.label not in rejected} if applied else {}
+    return state, StepReport(statuses, applied, weights, norms, bound, skipped, expired)

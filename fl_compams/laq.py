@@ -253,6 +253,13 @@ def server_receive(
     return LazyServer(_sum(q, lazy.nabla), q, contact, lazy.changes)
 
 
+def stored_norm(lazy: LazyServer, label: str, dq: torch.Tensor) -> float:
+    """``||Q_m + dQ_m||``: the norm of worker m's stored gradient if this upload were applied (float64)."""
+    q = lazy.q.get(label)
+    total = dq.double() if q is None else q.double() + dq.double()
+    return float(torch.linalg.vector_norm(total))
+
+
 def server_record_change(cfg: LazyConfig, lazy: LazyServer, delta: torch.Tensor) -> LazyServer:
     """Append ``||theta^{k+1} - theta^k||^2`` and keep the last D."""
     change = float(torch.linalg.vector_norm(delta.double()) ** 2)

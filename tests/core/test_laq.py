@@ -286,3 +286,62 @@ def test_checkpoint_keeps_the_lazy_state(tmp_path):
 def test_bad_settings_name_the_key(bad):
     with pytest.raises(ConfigError, match=repr(next(iter(bad)))):
         parse_config({"algorithm": "laq", **bad})
+
+
+def test_a_hostile_upload_is_rejected_and_its_worker_keeps_its_q():
+    """One finite but enormous innovation (a node lying about its radius) is bounded, never applied.
+
+    The bound is on ||Q_m + dQ_m|| against every stored gradient; the hostile worker's upload counts as a skip
+    on both sides, so the model equals the run in which that worker skipped that round.
+    """
+    algorithm, problem = algo(), Problem()
+    assert algorithm.bound.mode == "adaptive"
+
+    def play(hostile):
+        labels = [f"partition-{m}" for m in range(len(problem.a))]
+        workers = {label: WorkerState() for label in labels}
+        state = init_server_state(torch.zeros(DIM), algorithm.server_opt)
+        outcomes = []
+        for rnd in range(1, 13):
+            replies = []
+            for m, label in enumerate(labels):
+                instruction = instruction_for(state, label, rnd, algorithm)
+                workers[label], begun = worker_begin(algorithm, workers[label], instruction, dim=DIM)
+                reply, workers[label] = worker_end(
+                    algorithm, workers[label], problem.grad(m, state.theta), round=rnd, acked=begun.acked
+                )
+                if rnd == 8 and m == 0:
+                    if hostile:  # the same node, lying: a radius of 1e30 (codes unchanged)
+                        big = LAQQuantizer(4).encode(torch.full((DIM,), 1e30))
+                        replies.append(ServerReply(label, rnd, big, 1, reply.acked))
+                        continue
+                    replies.append(ServerReply(label, rnd, None, 1, reply.acked))  # honest twin: a skip
+                    continue
+                payload = None if reply.skip else from_bytes(reply.payload, DIM)
+                replies.append(ServerReply(label, rnd, payload, 1, reply.acked))
+            state, report = server_step(algorithm, state, rnd, replies, [])
+            outcomes.append(report.statuses.get("partition-0"))
+        for label in labels:  # the last statuses reach the workers
+            instruction = instruction_for(state, label, 13, algorithm)
+            workers[label], _ = worker_begin(algorithm, workers[label], instruction, dim=DIM)
+        return state, workers, outcomes
+
+    hostile, workers, outcomes = play(True)
+    honest, _, _ = play(False)
+    assert outcomes[7].outcome == Outcome.REJECTED
+    assert torch.isfinite(hostile.theta).all()
+    assert torch.equal(hostile.theta, honest.theta)
+    assert torch.equal(hostile.lazy.q["partition-0"], workers["partition-0"].lazy.q)  # both copies agree
+
+
+def test_the_default_bound_rejects_nothing_honest():
+    """150 honest rounds: the adaptive bound on stored gradients equals no bound, bit for bit."""
+    from dataclasses import replace
+
+    from fl_compams.algorithm import ReplyBound
+
+    bounded = algo()
+    unbounded = replace(bounded, bound=ReplyBound(mode="off"))
+    _, _, up_a, thetas_a = run(bounded, Problem(), 150)
+    _, _, up_b, thetas_b = run(unbounded, Problem(), 150)
+    assert up_a == up_b and all(torch.equal(a, b) for a, b in zip(thetas_a, thetas_b, strict=True))
