@@ -67,13 +67,14 @@ _LABELS = {
 def style(index: int) -> dict[str, Any]:
     """Colour, marker and line style of the ``index``-th series.
 
-    Colours and markers cycle together through 8 entries; the line style cycles through 7, so every
-    series up to 56 has a distinct (colour, marker, line style) combination and any two of the first 7
-    differ in all three.
+    Colours cycle through 8 entries; markers too, shifted by one at each pass through the colours, so no two of
+    the first 64 series share both colour and marker (series 8 is orange with a square, series 0 orange with a
+    circle). The line style cycles through 7, so any two of the first 7 differ in all three.
     """
+    n = len(OKABE_ITO)
     return {
-        "color": OKABE_ITO[index % len(OKABE_ITO)],
-        "marker": MARKERS[index % len(MARKERS)],
+        "color": OKABE_ITO[index % n],
+        "marker": MARKERS[(index + index // n) % len(MARKERS)],
         "linestyle": LINESTYLES[index % len(LINESTYLES)],
     }
 

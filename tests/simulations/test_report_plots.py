@@ -54,6 +54,8 @@ def test_styles_are_distinct():
         assert len({repr(s[key]) for s in first}) == 7
     combos = {(s["color"], s["marker"], repr(s["linestyle"])) for s in (style(i) for i in range(56))}
     assert len(combos) == 56
+    # colour and marker alone already tell 64 series apart (9+ methods no longer share both with another)
+    assert len({(s["color"], s["marker"]) for s in (style(i) for i in range(64))}) == 64
 
 
 def test_large_png_is_reencoded_with_a_palette(tmp_path, monkeypatch):
