@@ -36,6 +36,7 @@ from fl_compams.compressors.base import (
     signed,
 )
 from fl_compams.compressors.qsgd import QSGD, read_levels, read_magnitudes, write_magnitudes
+from fl_compams.compressors.signtopk import KeptValuesPayload
 from fl_compams.errors import PayloadError
 from fl_compams.kernels import topk_indices
 from fl_compams.schema import Key
@@ -55,7 +56,7 @@ def qsgd_beta(n: int, levels: int) -> float:
 
 
 @dataclass(frozen=True, eq=False)
-class QSGDTopKPayload(Payload):
+class QSGDTopKPayload(KeptValuesPayload):
     """k indices, their signs and QSGD levels, and one scale: coordinate i decodes to ``scale sign_i l_i / s``."""
 
     dim: int
@@ -67,16 +68,6 @@ class QSGDTopKPayload(Payload):
     index_coding: str = "int32"
     kind: int = Kind.QSGD_TOPK
     wire_indices: ClassVar[bool] = True
-
-    def decode(self) -> torch.Tensor:
-        """Return the dense vector (zero off the kept coordinates)."""
-        out = torch.zeros(self.dim, dtype=self.scale.dtype, device=self.scale.device)
-        out[self.indices] = self._values(out.dtype)
-        return out
-
-    def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
-        """``out += weight * decode(self)`` by scatter-add."""
-        out.index_add_(0, self.indices, self._values(out.dtype), alpha=weight)
 
     def _values(self, dtype: torch.dtype) -> torch.Tensor:
         values = signed(self.signs, self.indices.numel(), dtype).mul_(self.magnitudes.to(dtype))

@@ -39,8 +39,28 @@ if TYPE_CHECKING:
 __all__ = ["SignSparsePayload", "SignTopK"]
 
 
+class KeptValuesPayload(Payload):
+    """A payload of k kept coordinates (``indices``) whose values ``_values(dtype)`` computes from a ``scale``.
+
+    Shared by Sign-Top-k and QSGD o Top-k: dense decode and the server's scatter-add read the same values.
+    """
+
+    def _values(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self) -> torch.Tensor:
+        """Return the dense vector (zero off the kept coordinates)."""
+        out = torch.zeros(self.dim, dtype=self.scale.dtype, device=self.scale.device)
+        out[self.indices] = self._values(out.dtype)
+        return out
+
+    def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
+        """``out += weight * decode(self)`` by scatter-add."""
+        out.index_add_(0, self.indices, self._values(out.dtype), alpha=weight)
+
+
 @dataclass(frozen=True, eq=False)
-class SignSparsePayload(Payload):
+class SignSparsePayload(KeptValuesPayload):
     """Sign-Top-k payload: k indices, k sign bits, and one scale ``||Top_k(x)||_1 / k``."""
 
     dim: int
@@ -50,16 +70,6 @@ class SignSparsePayload(Payload):
     index_coding: str = "int32"
     kind: int = Kind.SIGNTOPK
     wire_indices: ClassVar[bool] = True
-
-    def decode(self) -> torch.Tensor:
-        """Return the dense vector with ``+-scale`` on the kept coordinates."""
-        out = torch.zeros(self.dim, dtype=self.scale.dtype, device=self.scale.device)
-        out[self.indices] = self._values(out.dtype)
-        return out
-
-    def add_to(self, out: torch.Tensor, weight: float = 1.0) -> None:
-        """``out += weight * decode(self)`` by scatter-add."""
-        out.index_add_(0, self.indices, self._values(out.dtype), alpha=weight)
 
     def _values(self, dtype: torch.dtype) -> torch.Tensor:
         return signed(self.signs, self.indices.numel(), dtype).mul_(self.scale.to(dtype))
