@@ -65,7 +65,9 @@ _PRESETS = f"PRESET is one of: {', '.join(available_presets())} (fl-compams list
 Preset = Annotated[
     str, typer.Argument(callback=_preset, show_default=False)
 ]  # its help is in each command's docstring: typer 0.20 on click 8.5 drops an argument's help
-Dataset = Annotated[str, typer.Option(help="digits (embedded), mnist, fashion-mnist or cifar10")]
+Dataset = Annotated[
+    str, typer.Option(help="digits (embedded), mnist1d (generated), mnist, fashion-mnist or cifar10")
+]
 Runs = Annotated[Path, typer.Option(help="where run directories go")]
 Out = Annotated[Path, typer.Option(help="where tables and plots go")]
 Seeds = Annotated[  # a str that the callback turns into list[int] (typer would read list[int] as repeated options)

@@ -81,9 +81,9 @@ def plan_runs(
     if "source" in meta:
         return []
     base = dict(preset.get("base", {}))
-    if dataset != "digits":
-        base.update(preset.get("datasets", {}).get(dataset, {}))
+    if dataset != "digits":  # the data set's default model unless its table names one
         base.update({"dataset": dataset, "data-dir": data_dir, "download": download, "model": "auto"})
+        base.update(preset.get("datasets", {}).get(dataset, {}))
     if rounds is not None:
         base["num-server-rounds"] = rounds
     axes = preset.get("axis") or [{"label": ""}]

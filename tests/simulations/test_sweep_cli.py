@@ -20,6 +20,18 @@ def test_every_preset_expands_into_valid_runs(tmp_path, name):
             assert r.overrides["dataset"] == dataset and r.overrides["data-dir"] == "/data"
 
 
+def test_a_data_sets_table_overrides_the_default_model(tmp_path, monkeypatch):
+    (tmp_path / "p.toml").write_text(
+        "[preset]\nseeds = [0]\n[base]\nserver-lr = 0.01\n"
+        '[datasets.mnist1d]\nmodel = "mnist1d-mlp"\nserver-lr = 0.002\n[methods.a]\n'
+    )
+    monkeypatch.setattr("simulations.sweep.PRESET_DIR", tmp_path)
+    (mnist1d,) = plan_runs("p", out=tmp_path / "runs", dataset="mnist1d")
+    assert mnist1d.overrides["model"] == "mnist1d-mlp" and mnist1d.overrides["server-lr"] == 0.002
+    (mnist,) = plan_runs("p", out=tmp_path / "runs", dataset="mnist", data_dir="/data")
+    assert mnist.overrides["model"] == "auto" and mnist.overrides["server-lr"] == 0.01
+
+
 def test_speedup_scales_lr_with_sqrt_n(tmp_path):
     runs = {r.key: r for r in plan_runs("speedup", out=tmp_path, seeds=[0])}
     for n in (1, 2, 4, 8):
