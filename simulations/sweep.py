@@ -4,7 +4,9 @@ A preset has ``[preset]`` (description, ``num-supernodes``, ``seeds``, targets),
 overrides for every run, ``[datasets.<name>]`` overrides used with ``--dataset <name>``, ``[methods.<label>]``
 (one table of overrides per method) and optionally ``[[axis]]`` entries (a label plus overrides, e.g. a
 Dirichlet alpha or the number of clients) crossed with the methods. A preset may instead name a ``source``
-preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear anywhere overrides do.
+preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear anywhere overrides do. A data
+set's table may hold ``[datasets.<name>.methods.<label>]``: that method's overrides on that data set (e.g. its
+learning rate tuned there), applied after the method's own table and before the axis.
 
 Runs go to ``<out>/<dataset>/<preset>/<method>[/<axis>]/seed-<s>/``; a run whose results are complete is
 skipped, so an interrupted sweep resumes where it stopped. The directory of an incomplete run is renamed to a
@@ -81,9 +83,11 @@ def plan_runs(
     if "source" in meta:
         return []
     base = dict(preset.get("base", {}))
+    on_dataset = dict(preset.get("datasets", {}).get(dataset, {})) if dataset != "digits" else {}
+    per_method = on_dataset.pop("methods", {})  # [datasets.<name>.methods.<label>]: that method on that data
     if dataset != "digits":  # the data set's default model unless its table names one
         base.update({"dataset": dataset, "data-dir": data_dir, "download": download, "model": "auto"})
-        base.update(preset.get("datasets", {}).get(dataset, {}))
+        base.update(on_dataset)
     if rounds is not None:
         base["num-server-rounds"] = rounds
     axes = preset.get("axis") or [{"label": ""}]
@@ -94,7 +98,13 @@ def plan_runs(
             for axis in axes:
                 axis_overrides = {k: v for k, v in axis.items() if k != "label"}
                 key = f"{method}/{axis['label']}" if axis["label"] else method
-                overrides = {**base, **method_overrides, **axis_overrides, "seed": seed}
+                overrides = {
+                    **base,
+                    **method_overrides,
+                    **per_method.get(method, {}),
+                    **axis_overrides,
+                    "seed": seed,
+                }
                 n = int(overrides.pop("num-supernodes", meta.get("num-supernodes", 10)))
                 run_dir = out / dataset / name / key / f"seed-{seed}"
                 overrides.update({"out-dir": str(run_dir.parent), "run-name": run_dir.name})

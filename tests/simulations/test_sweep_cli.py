@@ -24,12 +24,15 @@ def test_a_data_sets_table_overrides_the_default_model(tmp_path, monkeypatch):
     (tmp_path / "p.toml").write_text(
         "[preset]\nseeds = [0]\n[base]\nserver-lr = 0.01\n"
         '[datasets.mnist1d]\nmodel = "mnist1d-mlp"\nserver-lr = 0.002\n[methods.a]\n'
+        "[methods.b]\nserver-lr = 0.03\n[datasets.mnist1d.methods.b]\nserver-lr = 0.004\n"
     )
     monkeypatch.setattr("simulations.sweep.PRESET_DIR", tmp_path)
-    (mnist1d,) = plan_runs("p", out=tmp_path / "runs", dataset="mnist1d")
-    assert mnist1d.overrides["model"] == "mnist1d-mlp" and mnist1d.overrides["server-lr"] == 0.002
-    (mnist,) = plan_runs("p", out=tmp_path / "runs", dataset="mnist", data_dir="/data")
-    assert mnist.overrides["model"] == "auto" and mnist.overrides["server-lr"] == 0.01
+    a, b = plan_runs("p", out=tmp_path / "runs", dataset="mnist1d")
+    assert a.overrides["model"] == "mnist1d-mlp" and a.overrides["server-lr"] == 0.002
+    assert b.overrides["server-lr"] == 0.004  # the method's table on that data set wins over its own
+    a, b = plan_runs("p", out=tmp_path / "runs", dataset="mnist", data_dir="/data")
+    assert a.overrides["model"] == "auto" and a.overrides["server-lr"] == 0.01
+    assert b.overrides["server-lr"] == 0.03
 
 
 def test_speedup_scales_lr_with_sqrt_n(tmp_path):
