@@ -95,6 +95,9 @@ def summarize(
         - ``method`` (the sweep key), ``label``, ``axis``, ``axis_value`` (see
           :func:`simulations.report.load.parse_key`), ``n_seeds``, ``rounds`` (last round, smallest over seeds);
         - ``final_accuracy_*`` (last round), ``best_accuracy_*`` (max over rounds >= 1);
+        - ``final_val_accuracy_smooth_*`` (validation accuracy, mean of the last ``SMOOTH_WINDOW`` rounds: what
+          learning rates are tuned on) and ``best_val_accuracy_*`` (of those smoothed values); ``None`` without
+          a validation split;
         - ``final_train_loss_*`` (last round, raw) and ``final_train_loss_smooth_*`` (smoothed as above);
         - ``uplink_bytes_per_client`` — measured uplink bytes per client per round, the mean of
           ``uplink_bytes_per_client`` over all rounds >= 1 of all seeds;
@@ -153,6 +156,9 @@ def summarize(
                 for rows in seeds
             ],
         )
+        val = [smoothed(rows, "val_accuracy") for rows in seeds]  # empty without a validation split
+        put("final_val_accuracy_smooth", [v[-1][1] if v else None for v in val])
+        put("best_val_accuracy", [max((a for _, a in v), default=None) for v in val])
         put("final_train_loss", last("train_loss"))
         smooth = [smoothed(rows) for rows in seeds]
         put("final_train_loss_smooth", [s[-1][1] if s else None for s in smooth])

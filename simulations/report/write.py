@@ -10,15 +10,24 @@ uplink bytes and sigma_g^2), small enough to commit. Training-loss curves are sm
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from simulations.report.load import load_sweep
 from simulations.report.plots import plot_curves, plot_xy
-from simulations.report.stats import SMOOTH_WINDOW, add_cumulative_traffic, add_smoothed, column_mean
+from simulations.report.stats import (
+    SMOOTH_WINDOW,
+    add_cumulative_traffic,
+    add_smoothed,
+    column_mean,
+    sample_mean_std,
+)
 from simulations.report.tables import default_columns, mean_std, reached, summarize, to_markdown
 from simulations.sweep import load_preset
+
+log = logging.getLogger(__name__)
 
 
 def _sig(v: Any, digits: int = 5) -> Any:
@@ -72,6 +81,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
         "",
     ]
     plots: list[tuple[str, Path]] = []
+    extra: dict[str, Any] = {}  # preset-specific measurements for summary.json
 
     def curve(heading: str, file: str, y: str, title: str, x: str = "round", **kwargs) -> None:
         plots.append((heading, plot_curves(sweep, x=x, y=y, out_path=out / file, title=title, **kwargs)))
@@ -88,7 +98,15 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
             **loss_style,
         )
     elif preset == "heterogeneity":
-        lines += _heterogeneity(sweep, rows, out, plots)
+        lines += _heterogeneity(sweep, rows, out, plots, extra)
+    elif preset == "tune":
+        lines += _tune(rows)
+        curve(
+            "Validation accuracy per round",
+            "val_accuracy_vs_round.png",
+            "val_accuracy",
+            f"{preset}: validation accuracy",
+        )
     elif preset in ("seed-systems", "laq-uploads"):
         lines += _seed_systems(rows)
         curve("Test accuracy per round", "accuracy_vs_round.png", "accuracy", f"{preset}: test accuracy")
@@ -145,7 +163,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     if sweep.skipped:
         lines += ["Skipped (incomplete) runs:", ""] + [f"- `{d}`: {why}" for d, why in sweep.skipped] + [""]
     (out / "summary.json").write_text(
-        json.dumps({"table": rows, "curves": _compact(sweep)}, default=_sig) + "\n"
+        json.dumps({"table": rows, "curves": _compact(sweep), **extra}, default=_sig) + "\n"
     )
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
@@ -191,6 +209,46 @@ def _seed_systems(rows: list[dict]) -> list[str]:
     ]
 
 
+def tuned_choice(rows: list[dict]) -> dict[str, dict]:
+    """Per method label, the row (one learning rate) with the highest smoothed final validation accuracy.
+
+    Ties go to the first row in the preset's order. Rows without a validation accuracy are never chosen.
+    """
+    best: dict[str, dict] = {}
+    for r in rows:
+        v = r.get("final_val_accuracy_smooth_mean")
+        if v is not None and (
+            r["label"] not in best or v > best[r["label"]]["final_val_accuracy_smooth_mean"]
+        ):
+            best[r["label"]] = r
+    return best
+
+
+def _tune(rows: list[dict]) -> list[str]:
+    """The learning-rate grid on the validation split, and the value each method keeps."""
+    chosen = {r["method"] for r in tuned_choice(rows).values()}
+    table = [
+        {**r, "lr": r.get("axis_value"), "chosen": "**chosen**" if r["method"] in chosen else ""}
+        for r in rows
+    ]
+    return [
+        "Learning rates are chosen on the **validation split** (held out of every client's data, never the test "
+        f"set): the highest validation accuracy averaged over the last {SMOOTH_WINDOW} rounds. The tuning seed "
+        "is not one of the seeds the studies report.",
+        "",
+        to_markdown(
+            table,
+            [
+                ("label", "method", None),
+                ("lr", "learning rate", None),
+                ("final_val_accuracy_smooth", "final val. acc. (%)", mean_std(1, scale=100)),
+                ("best_val_accuracy", "best val. acc. (%)", mean_std(1, scale=100)),
+                ("chosen", "", None),
+            ],
+        ),
+    ]
+
+
 def _speedup(rows: list[dict], meta: dict) -> list[str]:
     paper = meta.get("paper-rounds", {})
     base = next(
@@ -224,51 +282,84 @@ def _speedup(rows: list[dict], meta: dict) -> list[str]:
     ]
 
 
-def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list) -> list[str]:
-    # sigma_g^2 of a method: the mean of its probed values; gap: full-precision accuracy minus the method's, same split
-    by_key = {r["method"]: r for r in rows}
+def _heterogeneity(sweep, rows: list[dict], out: Path, plots: list, extra: dict) -> list[str]:
+    """Gap to full precision (paired by seed) against each split's sigma_g^2 at common reference models."""
+    from simulations.report.split import REFERENCES, paired_gaps, reference_run, split_sigma_g2_at_references
+
+    trained_from = reference_run(sweep)
+    try:
+        at_ref = split_sigma_g2_at_references(sweep, trained_from)
+    except (OSError, KeyError, ValueError, TypeError) as e:  # runs without a usable config.json
+        log.warning("sigma_g^2 at the reference models not measured: %s", e)
+        at_ref = {}
+    extra["split_sigma_g2"] = {
+        "reference_checkpoint": str(trained_from) if trained_from else None,
+        "values": {k: {str(s): v for s, v in seeds.items()} for k, seeds in at_ref.items()},
+    }
     table, points = [], {}
     for r in rows:
         label = r["label"]
         setting = r["method"].split("/", 1)[1] if "/" in r["method"] else ""
-        ref = by_key.get(f"full-precision/{setting}" if setting else "full-precision")
-        gap = None
-        if ref and ref.get("final_accuracy_mean") is not None and r.get("final_accuracy_mean") is not None:
-            gap = ref["final_accuracy_mean"] - r["final_accuracy_mean"]
-        s2 = column_mean(sweep[r["method"]], "sigma_g2")
-        table.append({**r, "sigma_g2": s2, "gap": gap, "setting": setting})
-        if label != "full-precision" and s2 is not None and gap is not None:
-            xs, ys = points.setdefault(label, ([], []))
-            xs.append(s2)
+        ref_key = f"full-precision/{setting}" if setting else "full-precision"
+        gaps = paired_gaps(sweep, sweep.seeds, r["method"], ref_key) if label != "full-precision" else []
+        gap, gap_std = sample_mean_std(gaps)
+        per_seed = at_ref.get(setting, {})
+        row = {**r, "setting": setting, "gap_mean": gap, "gap_std": gap_std, "gap_n": len(gaps)}
+        for which in REFERENCES:
+            row[f"sigma_g2_{which}_mean"], row[f"sigma_g2_{which}_std"] = sample_mean_std(
+                [v[which] for v in per_seed.values() if which in v]
+            )
+        row["sigma_g2_probe"] = column_mean(sweep[r["method"]], "sigma_g2")
+        table.append(row)
+        x = (
+            row["sigma_g2_trained_mean"]
+            if row["sigma_g2_trained_mean"] is not None
+            else row["sigma_g2_initial_mean"]
+        )
+        if label != "full-precision" and x is not None and gap is not None:
+            xs, ys, errs = points.setdefault(label, ([], [], []))
+            xs.append(x)
             ys.append(100 * gap)
+            errs.append(None if gap_std is None else 100 * gap_std)
+    extra["table"] = table  # summary.json keeps the rows with the split's sigma_g^2 and the paired gaps
+    which = "trained checkpoint" if trained_from else "initial model"
     plots.append(
         (
-            "Accuracy gap to full precision against measured sigma_g^2",
+            f"Accuracy gap to full precision against the split's sigma_g^2 (at the {which})",
             plot_xy(
                 points,
-                xlabel="measured sigma_g^2 (mean over probes)",
-                ylabel="gap to full precision (points)",
+                xlabel=f"sigma_g^2 of the split at the {which}",
+                ylabel="gap to full precision (points, mean ± std over seeds)",
                 out_path=out / "gap_vs_sigma_g2.png",
                 logx=True,
             ),
         )
     )
+
+    def sigma(row: dict, key: str) -> str:  # 3 significant digits: values span decades
+        m, sd = row.get(f"{key}_mean"), row.get(f"{key}_std")
+        return "—" if m is None else f"{m:.3g}" + ("" if sd is None else f" ± {sd:.2g}")
+
     return [
-        "sigma_g^2 = (1/n) sum_i ||grad f_i - grad f||^2 measured by the probe at the current model "
-        "(mean over probes and seeds); gap = full-precision final accuracy minus the method's, same split.",
+        "sigma_g^2 = (1/n) sum_i ||grad f_i - grad f||^2 of each **split**, measured at common reference models: "
+        "the initial model of the split's seed, and one fixed trained checkpoint"
+        + (f" (`{trained_from.relative_to(trained_from.parents[3])}`)" if trained_from else " (none found)")
+        + ", mean ± std over seeds. The probe column is the older measurement, at each run's own current model "
+        "during training (mean over probes and seeds), which mixes the split with training progress. Gap = "
+        "full-precision final accuracy minus the method's on the same split and seed, mean ± std over the "
+        "seeds both have.",
         "",
         to_markdown(
             table,
             [
                 ("label", "method", None),
                 ("setting", "split", None),
-                ("sigma_g2", "measured sigma_g^2", ".3g"),
+                ("sigma_g2_initial", "sigma_g^2 at init", sigma),
+                ("sigma_g2_trained", "sigma_g^2 at trained ref.", sigma),
+                ("sigma_g2_probe", "probe (in training)", ".3g"),
                 ("final_accuracy", "final accuracy (%)", mean_std(1, scale=100)),
-                (
-                    "gap",
-                    "gap (points)",
-                    lambda row, key: "—" if row[key] is None else f"{100 * row[key]:.1f}",
-                ),
+                ("gap", "gap (points)", mean_std(1, scale=100)),
+                ("gap_n", "seeds", "d"),
             ],
         ),
     ]

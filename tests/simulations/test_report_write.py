@@ -100,3 +100,43 @@ def test_seed_systems_report_shows_bytes_both_ways_and_uploads(tmp_path):
     assert "downlink B/client/round" in text and "uploads to 95%" in text and "bytes up + down to 95%" in text
     assert (readme.parent / "accuracy_vs_total_bytes.png").exists()
     assert (readme.parent / "accuracy_vs_uploads.png").exists()
+
+
+def _write_planned(run, acc_per_round: float, *, with_model: bool = False):
+    """A finished run of a planned config: its real config.json (for the split) and fake metrics."""
+    from fl_compams.config import parse_config
+    from tasks.task import model_for_task
+
+    cfg = parse_config(run.overrides)
+    _fake_run(run.run_dir, cfg.server.num_server_rounds, acc_per_round, 100)
+    info = {"config": cfg.to_flat(), "num_nodes": run.num_supernodes, "dim": 0}
+    (run.run_dir / "config.json").write_text(json.dumps(info))
+    if with_model:  # a stand-in trained checkpoint: the initial model of another seed
+        model = model_for_task(cfg.data, 99)
+        np.savez(run.run_dir / "model.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+
+
+def test_heterogeneity_report_measures_every_split_at_common_reference_models(tmp_path):
+    runs = plan_runs("heterogeneity", out=tmp_path / "runs", seeds=[0, 1], rounds=2)
+    kept = [r for r in runs if r.key.split("/")[0] in ("full-precision", "topk-0.01-ef")]
+    kept = [r for r in kept if r.key.endswith(("/alpha-0.05", "/iid"))]
+    for r in kept:
+        ef = r.key.startswith("topk")
+        _write_planned(r, 0.2 + 0.05 * r.seed if ef else 0.3, with_model=r.key == "full-precision/iid")
+    readme = write_report("heterogeneity", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    summary = json.loads((readme.parent / "summary.json").read_text())
+    values = summary["split_sigma_g2"]["values"]
+    assert set(values) == {"alpha-0.05", "iid"} and set(values["iid"]) == {"0", "1"}
+    for setting in values.values():
+        for v in setting.values():
+            assert v["initial"] > 0 and v["trained"] > 0
+    # a skewed split is more dissimilar than an iid one at the same reference model, for every seed
+    assert all(values["alpha-0.05"][s]["trained"] > values["iid"][s]["trained"] for s in ("0", "1"))
+    assert summary["split_sigma_g2"]["reference_checkpoint"].endswith("full-precision/iid/seed-0")
+    rows = {r["method"]: r for r in summary["table"]}
+    # final accuracies (round 2): full precision 0.7 on both seeds, Top-k 0.5 (seed 0) and 0.6 (seed 1)
+    row = rows["topk-0.01-ef/iid"]
+    assert row["gap_mean"] == pytest.approx(0.15) and row["gap_std"] == pytest.approx(0.1 / 2**0.5)
+    assert row["gap_n"] == 2 and rows["full-precision/iid"]["gap_mean"] is None
+    text = readme.read_text()
+    assert "sigma_g^2 at trained ref." in text and (readme.parent / "gap_vs_sigma_g2.png").exists()
