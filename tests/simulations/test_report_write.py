@@ -140,3 +140,22 @@ def test_heterogeneity_report_measures_every_split_at_common_reference_models(tm
     assert row["gap_n"] == 2 and rows["full-precision/iid"]["gap_mean"] is None
     text = readme.read_text()
     assert "sigma_g^2 at trained ref." in text and (readme.parent / "gap_vs_sigma_g2.png").exists()
+
+
+def test_tune_report_chooses_on_validation_accuracy_not_test_accuracy(tmp_path):
+    runs = plan_runs("tune", out=tmp_path / "runs", rounds=6)
+    picked = {"full-precision/lr-0.001": (0.9, 0.5), "full-precision/lr-0.003": (0.6, 0.8)}  # (test, val)
+    for r in runs:
+        if r.key in picked:
+            _fake_run(r.run_dir, 6, 0.1, 100)
+            test_acc, val_acc = picked[r.key]
+            rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+            for row in rows:
+                row["accuracy"], row["val_accuracy"] = test_acc, val_acc - 0.01 * (6 - row["round"])
+            (r.run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    readme = write_report("tune", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    chosen = [line for line in readme.read_text().splitlines() if "**chosen**" in line]
+    assert len(chosen) == 1 and "| 0.003 |" in chosen[0]
+    rows = {r["method"]: r for r in json.loads((readme.parent / "summary.json").read_text())["table"]}
+    # the mean of the last 5 rounds' validation accuracy: 0.8 - 0.01 * mean(0..4)
+    assert rows["full-precision/lr-0.003"]["final_val_accuracy_smooth_mean"] == pytest.approx(0.78)
