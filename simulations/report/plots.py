@@ -122,6 +122,10 @@ def _is_bytes(column: str) -> bool:
     return "bytes" in column
 
 
+def _is_accuracy(column: str) -> bool:
+    return column.endswith("accuracy")
+
+
 def plot_curves(
     sweep: Mapping[str, Sequence[Sequence[Mapping]]],
     *,
@@ -136,6 +140,7 @@ def plot_curves(
     xlabel: str | None = None,
     ylabel: str | None = None,
     dpi: int = 120,
+    zoom_accuracy: bool = True,
 ) -> Path:
     """Plot ``y`` against ``x``: one line per method (mean over seeds) with a ±1 std band.
 
@@ -167,6 +172,9 @@ def plot_curves(
         Axis labels (default: derived from the column names).
     dpi : int, default 120
         Resolution of the PNG.
+    zoom_accuracy : bool, default True
+        For an accuracy column, limit the y axis to the range the lines cover over their second half (2
+        points below the lowest, 1 above the highest): the early rounds leave the plot at the bottom.
 
     Returns
     -------
@@ -194,11 +202,13 @@ def plot_curves(
     fig = _new_figure()
     ax = fig.add_subplot()
     drawn = 0
+    tails: list[float] = []  # each line's values over its second half: where the y axis zooms for accuracy
     for i, key in enumerate(keys):
         grid, mean, std = series_on_grid(sweep[key], x=x, y=y, positive_x=bool(logx))
         if grid.size == 0:
             log.warning("plot %s: no values of %r against %r for %s", out_path, y, x, key)
             continue
+        tails += [float(v) for v in mean[grid.size // 2 :] if np.isfinite(v)]
         st = style(i)
         ax.plot(
             grid,
@@ -221,6 +231,9 @@ def plot_curves(
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if zoom_accuracy and _is_accuracy(y) and tails:
+        # a 0-1 axis hides the differences that matter (93-99 %): zoom on where the lines end up
+        ax.set_ylim(max(0.0, min(tails) - 0.02), min(1.0, max(tails) + 0.01))
     if _is_bytes(x):
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
     ax.set_xlabel(xlabel if xlabel is not None else _LABELS.get(x, x))

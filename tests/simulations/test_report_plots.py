@@ -68,3 +68,21 @@ def test_large_png_is_reencoded_with_a_palette(tmp_path, monkeypatch):
     _assert_small_png(pal)
     assert rgba.read_bytes()[25] != 3 and pal.read_bytes()[25] == 3  # PNG colour type 3 = palette
     assert len(pal.read_bytes()) < len(rgba.read_bytes())
+
+
+def test_accuracy_axis_zooms_on_where_the_lines_end(tmp_path, monkeypatch):
+    import simulations.report.plots as plots
+
+    limits = []
+    finish = plots._finish
+    monkeypatch.setattr(
+        plots, "_finish", lambda fig, ax, *a: (limits.append(ax.get_ylim()), finish(fig, ax, *a))[1]
+    )
+    acc = lambda top: [0.1] + [top - 0.5 / r for r in range(1, 41)]  # noqa: E731
+    sw = {"a": [make_rows(acc(0.97), 10)], "b": [make_rows(acc(0.99), 10)]}
+    plot_curves(sw, x="round", y="accuracy", out_path=tmp_path / "a.png")
+    low, high = limits[-1]
+    # second halves (rounds 20-40): a from 0.97 - 0.5/20 = 0.945, b up to 0.99 - 0.5/40 ~ 0.978
+    assert low == pytest.approx(0.97 - 0.5 / 20 - 0.02) and high == pytest.approx(0.99 - 0.5 / 40 + 0.01)
+    plot_curves(sw, x="round", y="accuracy", out_path=tmp_path / "b.png", zoom_accuracy=False)
+    assert limits[-1][0] < 0.1  # unzoomed: the whole curve
