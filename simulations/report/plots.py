@@ -141,6 +141,7 @@ def plot_curves(
     ylabel: str | None = None,
     dpi: int = 120,
     zoom_accuracy: bool = True,
+    target: float | None = None,
 ) -> Path:
     """Plot ``y`` against ``x``: one line per method (mean over seeds) with a ±1 std band.
 
@@ -175,6 +176,8 @@ def plot_curves(
     zoom_accuracy : bool, default True
         For an accuracy column, limit the y axis to the range the lines cover over their second half (2
         points below the lowest, 1 above the highest): the early rounds leave the plot at the bottom.
+    target : float, optional
+        Draw a dashed horizontal line at this value (the target a table counts rounds or bytes to).
 
     Returns
     -------
@@ -231,9 +234,13 @@ def plot_curves(
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if target is not None:
+        tails.append(target)  # the target stays in view
     if zoom_accuracy and _is_accuracy(y) and tails:
         # a 0-1 axis hides the differences that matter (93-99 %): zoom on where the lines end up
         ax.set_ylim(max(0.0, min(tails) - 0.02), min(1.0, max(tails) + 0.01))
+    if target is not None:
+        ax.axhline(target, color="0.3", linestyle="--", linewidth=1.0, label=f"target {target:g}")
     if _is_bytes(x):
         ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
     ax.set_xlabel(xlabel if xlabel is not None else _LABELS.get(x, x))

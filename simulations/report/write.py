@@ -95,6 +95,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
             "train_loss.png",
             loss_smooth,
             f"Top-k 0.01 + EF: {loss_title}",
+            target=meta.get("target-train-loss"),
             **loss_style,
         )
     elif preset == "heterogeneity":

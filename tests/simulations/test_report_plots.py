@@ -86,3 +86,16 @@ def test_accuracy_axis_zooms_on_where_the_lines_end(tmp_path, monkeypatch):
     assert low == pytest.approx(0.97 - 0.5 / 20 - 0.02) and high == pytest.approx(0.99 - 0.5 / 40 + 0.01)
     plot_curves(sw, x="round", y="accuracy", out_path=tmp_path / "b.png", zoom_accuracy=False)
     assert limits[-1][0] < 0.1  # unzoomed: the whole curve
+
+
+def test_a_target_is_drawn_and_kept_in_view(tmp_path, monkeypatch):
+    import simulations.report.plots as plots
+
+    seen = []
+    finish = plots._finish
+    monkeypatch.setattr(plots, "_finish", lambda fig, ax, *a: (seen.append(ax), finish(fig, ax, *a))[1])
+    sw = {"a": [make_rows([0.1] + [0.97] * 20, 10)]}
+    plot_curves(sw, x="round", y="accuracy", out_path=tmp_path / "a.png", target=0.9)
+    ax = seen[-1]
+    assert any(list(line.get_ydata()) == [0.9, 0.9] for line in ax.get_lines())
+    assert ax.get_ylim()[0] <= 0.9 - 0.02
