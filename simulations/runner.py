@@ -3,6 +3,8 @@
 ``run_experiment(overrides)`` validates the config, runs it on ``num_supernodes`` virtual clients and returns the
 results directory, which holds the same files as a ``flwr run .`` run. Flower 1.41 deprecates
 ``run_simulation``; it is called in one place only (:func:`_simulate`) so a replacement touches one function.
+``engine="inprocess"`` runs the same ServerApp and ClientApp code without Ray, on
+:class:`simulations.inprocess_grid.InProcessGrid` (sweeps on few cores; same results round for round).
 
 Virtual clients see the run config, as deployed ones do, and a run that can be resumed (a ``run-name`` and
 ``checkpoint-every > 0`` or ``resume``) gives them the node config ``state-dir = <run dir>/client-state``: they
@@ -22,7 +24,10 @@ from typing import Any
 
 from fl_compams.config import ExperimentConfig, parse_config
 
-__all__ = ["run_experiment", "virtual_node_config"]
+__all__ = ["ENGINES", "run_experiment", "virtual_node_config"]
+
+#: The engines :func:`run_experiment` runs on.
+ENGINES = ("ray", "inprocess")
 
 # Quiet Ray and Flower before they are imported.
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -40,6 +45,7 @@ def run_experiment(
     verbose: bool = False,
     client_app=None,
     on_round=None,
+    engine: str = "ray",
 ) -> Path:
     """Run one experiment in-process and return its results directory.
 
@@ -59,6 +65,12 @@ def run_experiment(
         it gets the run config and, in a run that can be resumed, ``state-dir`` (see the module docstring).
     on_round
         Called with each ``metrics.jsonl`` row as it is written (progress bars).
+    engine
+        ``"ray"``: Flower's simulation engine on Ray. ``"inprocess"``: the same ServerApp code
+        (:func:`strategies.server_app.run_server`) and ClientApp on :class:`simulations.inprocess_grid.InProcessGrid`,
+        one process, clients one after another with ``int(num_cpus)`` torch threads; the same results round for
+        round (tests/simulations/test_inprocess_engine.py), without Ray's start-up and polling. It takes no GPUs
+        and no Ray cluster.
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -67,8 +79,16 @@ def run_experiment(
     from simulations.virtual_nodes import WithContext
     from strategies.server_app import run_server
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "inprocess" and (num_gpus or ray_address):
+        raise ValueError(
+            "engine 'inprocess' runs on this process's CPUs: it takes no num_gpus or ray_address"
+        )
     cfg = parse_config(overrides)  # fail fast, before Ray starts
     config = cfg.to_flat()
+    if engine == "inprocess":
+        return _run_inprocess(cfg, client_app, num_supernodes, max(1, int(num_cpus)), on_round, verbose)
     outcome: dict[str, Path] = {}
     server_app = ServerApp()
 
@@ -106,6 +126,24 @@ def virtual_node_config(cfg: ExperimentConfig) -> dict[str, str]:
         STATE_DIR_KEY: str(resolve_run_dir(out.out_dir, out.run_name) / "client-state"),
         KEEP_STATE_KEY: "true",  # kept at the run's end: a finished run may be resumed with more rounds
     }
+
+
+def _run_inprocess(
+    cfg: ExperimentConfig, client_app, num_supernodes: int, threads: int, on_round, verbose: bool
+) -> Path:
+    """``run_server`` on an :class:`~simulations.inprocess_grid.InProcessGrid` of wrapped ClientApps."""
+    from clients.client_app import app as default_client_app
+    from simulations.inprocess_grid import InProcessGrid
+    from simulations.virtual_nodes import WithContext
+    from strategies.server_app import run_server
+
+    if not verbose:  # as _simulate: Flower's per-round log only when asked for
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    config = cfg.to_flat()
+    app = WithContext(client_app or default_client_app, config, virtual_node_config(cfg))
+    grid = InProcessGrid(app, num_supernodes, seed=cfg.seed, client_threads=threads)
+    with grid.identity():
+        return run_server(grid, config, on_round=on_round)
 
 
 def _simulate(server_app, client_app, num_supernodes: int, backend_config: dict, verbose: bool) -> None:
