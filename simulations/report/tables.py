@@ -98,6 +98,7 @@ def summarize(
         - ``final_val_accuracy_smooth_*`` (validation accuracy, mean of the last ``SMOOTH_WINDOW`` rounds: what
           learning rates are tuned on) and ``best_val_accuracy_*`` (of those smoothed values); ``None`` without
           a validation split;
+        - ``final_wall_s_*`` (the run's wall time at its last round, seconds);
         - ``final_train_loss_*`` (last round, raw) and ``final_train_loss_smooth_*`` (smoothed as above);
         - ``uplink_bytes_per_client`` — measured uplink bytes per client per round, the mean of
           ``uplink_bytes_per_client`` over all rounds >= 1 of all seeds;
@@ -110,7 +111,8 @@ def summarize(
           ``uplink_bytes_per_client`` / this method's) and ``compression_ratio_theory`` (same with
           ``theory_bytes_per_client``);
         - ``target_accuracy``, ``seeds_reached_accuracy``, ``rounds_to_accuracy_*`` (first round, possibly
-          0, with ``accuracy >= target``) and ``bytes_to_accuracy_*`` (its ``uplink_bytes_cum``), means and
+          0, with ``accuracy >= target``), ``bytes_to_accuracy_*`` (its ``uplink_bytes_cum``) and
+          ``wall_s_to_accuracy_*`` (its ``wall_s``, seconds since the run started), means and
           stds over the seeds that reached the target (``None`` if none did); when the rows carry the columns
           of :func:`simulations.report.stats.add_cumulative_traffic`, also ``total_bytes_to_accuracy_*``
           (uplink + downlink) and ``uploads_to_accuracy_*`` (replies that carried a payload);
@@ -160,6 +162,7 @@ def summarize(
         put("final_val_accuracy_smooth", [v[-1][1] if v else None for v in val])
         put("best_val_accuracy", [max((a for _, a in v), default=None) for v in val])
         put("final_train_loss", last("train_loss"))
+        put("final_wall_s", last("wall_s"))
         smooth = [smoothed(rows) for rows in seeds]
         put("final_train_loss_smooth", [s[-1][1] if s else None for s in smooth])
         row["uplink_bytes_per_client"] = per_client[key]
@@ -190,6 +193,7 @@ def summarize(
             row[f"seeds_reached_{name}"] = len(hits) if target is not None else None
             put(f"rounds_to_{name}", [float(h["round"]) for h in hits])
             put(f"bytes_to_{name}", [finite(h.get("uplink_bytes_cum")) for h in hits])
+            put(f"wall_s_to_{name}", [finite(h.get("wall_s")) for h in hits])
             if totals:
                 put(f"total_bytes_to_{name}", [finite(h.get(TOTAL_BYTES_COLUMN)) for h in hits])
                 put(f"uploads_to_{name}", [finite(h.get(UPLOADS_COLUMN)) for h in hits])

@@ -159,3 +159,25 @@ def test_tune_report_chooses_on_validation_accuracy_not_test_accuracy(tmp_path):
     rows = {r["method"]: r for r in json.loads((readme.parent / "summary.json").read_text())["table"]}
     # the mean of the last 5 rounds' validation accuracy: 0.8 - 0.01 * mean(0..4)
     assert rows["full-precision/lr-0.003"]["final_val_accuracy_smooth_mean"] == pytest.approx(0.78)
+
+
+def test_equal_bytes_report_counts_both_directions_and_wall_time_to_the_target(tmp_path):
+    from report_rows import make_rows, write_run
+
+    runs = plan_runs("accuracy-vs-bits", out=tmp_path / "runs", seeds=[0, 1], rounds=4)
+    for r in runs:
+        if r.key in ("full-precision", "topk-0.01-ef"):
+            acc = [0.1, 0.5, 0.96, 0.97, 0.97] if r.seed == 0 or r.key == "topk-0.01-ef" else [0.1] * 5
+            write_run(r.run_dir, make_rows(acc, 1000 if r.key == "full-precision" else 100))
+            (r.run_dir / "model.npz").write_bytes(b"")
+    readme = write_report("equal-budget", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    rows = {r["method"]: r for r in json.loads((readme.parent / "summary.json").read_text())["table"]}
+    topk, dense = rows["topk-0.01-ef"], rows["full-precision"]
+    # round 2 reaches 95 %: uplink 2 rounds x 2 clients x 100 B; downlink 10 B per round; wall_s = round
+    assert topk["bytes_to_accuracy_mean"] == 400 and topk["total_bytes_to_accuracy_mean"] == 420
+    assert topk["wall_s_to_accuracy_mean"] == 2.0 and topk["seeds_reached_accuracy"] == 2
+    assert dense["seeds_reached_accuracy"] == 1 and dense["bytes_to_accuracy_mean"] == 4000
+    text = readme.read_text()
+    assert "up + down to 95%" in text and "wall s to 95%" in text and "(1/2)" in text
+    assert (readme.parent / "accuracy_vs_total_bytes.png").exists()
+    assert (readme.parent / "accuracy_vs_uplink_bytes.png").exists()
