@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from simulations.report.load import load_sweep
+from simulations.report.load import Sweep, load_sweep
 from simulations.report.plots import plot_curves, plot_xy
 from simulations.report.stats import (
     SMOOTH_WINDOW,
@@ -34,6 +34,28 @@ def _sig(v: Any, digits: int = 5) -> Any:
     if isinstance(v, float) and math.isfinite(v):
         return float(f"{v:.{digits}g}")
     return v
+
+
+def _load_sources(root: Path, source: str | list[str]) -> Sweep:
+    """The sweep of one preset, or of several merged (``source = ["accuracy-vs-bits", "seed-systems"]``).
+
+    The first source must exist; a later one that has no runs is left out with a warning. A key that an earlier
+    source already has is kept as ``<source>:<key>`` (two presets may each have a ``full-precision``).
+    """
+    names = [source] if isinstance(source, str) else list(source)
+    merged = load_sweep(root / names[0])
+    for name in names[1:]:
+        if not (root / name).is_dir():
+            log.warning("report: no runs of %s under %s; left out", name, root)
+            continue
+        extra = load_sweep(root / name)
+        for key, seeds in extra.items():
+            new_key = f"{name}:{key}" if key in merged else key
+            merged[new_key] = seeds
+            merged.seeds[new_key] = extra.seeds[key]
+            merged.run_dirs[new_key] = extra.run_dirs[key]
+        merged.skipped += extra.skipped
+    return merged
 
 
 def _compact(sweep) -> dict:
@@ -57,8 +79,7 @@ def _command(preset: str, dataset: str) -> str:
 def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str = "digits") -> Path:
     """Write the report of one preset and return the path of its README.md."""
     meta = load_preset(preset).get("preset", {})
-    source = meta.get("source", preset)
-    sweep = load_sweep(Path(runs_root) / dataset / source)
+    sweep = _load_sources(Path(runs_root) / dataset, meta.get("source", preset))
     loss_smooth = add_smoothed(sweep, "train_loss")
     total_bytes, uploads = add_cumulative_traffic(sweep)
     out = Path(out_root) / dataset / preset

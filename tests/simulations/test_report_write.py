@@ -170,8 +170,13 @@ def test_equal_bytes_report_counts_both_directions_and_wall_time_to_the_target(t
             acc = [0.1, 0.5, 0.96, 0.97, 0.97] if r.seed == 0 or r.key == "topk-0.01-ef" else [0.1] * 5
             write_run(r.run_dir, make_rows(acc, 1000 if r.key == "full-precision" else 100))
             (r.run_dir / "model.npz").write_bytes(b"")
+    for r in plan_runs("seed-systems", out=tmp_path / "runs", seeds=[0], rounds=4):
+        if r.key in ("full-precision", "laq-8bit"):  # a second source; its full-precision collides
+            write_run(r.run_dir, make_rows([0.1, 0.2, 0.3, 0.4, 0.5], 10))
     readme = write_report("equal-budget", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
     rows = {r["method"]: r for r in json.loads((readme.parent / "summary.json").read_text())["table"]}
+    assert {"laq-8bit", "seed-systems:full-precision"} <= set(rows)
+    assert rows["seed-systems:full-precision"]["final_accuracy_mean"] == 0.5
     topk, dense = rows["topk-0.01-ef"], rows["full-precision"]
     # round 2 reaches 95 %: uplink 2 rounds x 2 clients x 100 B; downlink 10 B per round; wall_s = round
     assert topk["bytes_to_accuracy_mean"] == 400 and topk["total_bytes_to_accuracy_mean"] == 420
