@@ -6,7 +6,9 @@ overrides for every run, ``[datasets.<name>]`` overrides used with ``--dataset <
 Dirichlet alpha or the number of clients) crossed with the methods. A preset may instead name a ``source``
 preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear anywhere overrides do. A data
 set's table may hold ``[datasets.<name>.methods.<label>]``: that method's overrides on that data set (e.g. its
-learning rate tuned there), applied after the method's own table and before the axis.
+learning rate tuned there), applied after the method's own table and before the axis;
+``[datasets.<name>.axis.<label>]``: one setting's overrides on that data set, applied last; and
+``[datasets.<name>.preset]``: entries of ``[preset]`` for that data set (seeds, targets).
 
 Runs go to ``<out>/<dataset>/<preset>/<method>[/<axis>]/seed-<s>/``; a run whose results are complete is
 skipped, so an interrupted sweep resumes where it stopped. The directory of an incomplete run is renamed to a
@@ -34,6 +36,7 @@ __all__ = [
     "is_complete",
     "load_preset",
     "plan_runs",
+    "preset_meta",
     "set_aside",
 ]
 
@@ -67,6 +70,16 @@ def load_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
+def _dataset_table(preset: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """``[datasets.<name>]`` of a preset (a copy; empty for the default digits)."""
+    return dict(preset.get("datasets", {}).get(dataset, {})) if dataset != "digits" else {}
+
+
+def preset_meta(preset: dict[str, Any], dataset: str = "digits") -> dict[str, Any]:
+    """The ``[preset]`` table, updated by ``[datasets.<name>.preset]`` (e.g. a target that suits that data)."""
+    return {**preset.get("preset", {}), **_dataset_table(preset, dataset).get("preset", {})}
+
+
 def plan_runs(
     name: str,
     *,
@@ -79,12 +92,14 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Expand a preset into runs (validating every run's config now, before anything starts)."""
     preset = load_preset(name)
-    meta = preset.get("preset", {})
+    meta = preset_meta(preset, dataset)
     if "source" in meta:
         return []
     base = dict(preset.get("base", {}))
-    on_dataset = dict(preset.get("datasets", {}).get(dataset, {})) if dataset != "digits" else {}
+    on_dataset = _dataset_table(preset, dataset)
+    on_dataset.pop("preset", None)  # read by preset_meta
     per_method = on_dataset.pop("methods", {})  # [datasets.<name>.methods.<label>]: that method on that data
+    per_axis = on_dataset.pop("axis", {})  # [datasets.<name>.axis.<label>]: that setting on that data
     if dataset != "digits":  # the data set's default model unless its table names one
         base.update({"dataset": dataset, "data-dir": data_dir, "download": download, "model": "auto"})
         base.update(on_dataset)
@@ -103,6 +118,7 @@ def plan_runs(
                     **method_overrides,
                     **per_method.get(method, {}),
                     **axis_overrides,
+                    **per_axis.get(axis["label"], {}),
                     "seed": seed,
                 }
                 n = int(overrides.pop("num-supernodes", meta.get("num-supernodes", 10)))

@@ -25,7 +25,7 @@ from simulations.report.stats import (
     sample_mean_std,
 )
 from simulations.report.tables import default_columns, fmt_bytes, mean_std, reached, summarize, to_markdown
-from simulations.sweep import load_preset
+from simulations.sweep import load_preset, preset_meta
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _command(preset: str, dataset: str) -> str:
 
 def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str = "digits") -> Path:
     """Write the report of one preset and return the path of its README.md."""
-    meta = load_preset(preset).get("preset", {})
+    meta = preset_meta(load_preset(preset), dataset)
     sweep = _load_sources(Path(runs_root) / dataset, meta.get("source", preset))
     loss_smooth = add_smoothed(sweep, "train_loss")
     total_bytes, uploads = add_cumulative_traffic(sweep)

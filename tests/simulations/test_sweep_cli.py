@@ -25,14 +25,18 @@ def test_a_data_sets_table_overrides_the_default_model(tmp_path, monkeypatch):
         "[preset]\nseeds = [0]\n[base]\nserver-lr = 0.01\n"
         '[datasets.mnist1d]\nmodel = "mnist1d-mlp"\nserver-lr = 0.002\n[methods.a]\n'
         "[methods.b]\nserver-lr = 0.03\n[datasets.mnist1d.methods.b]\nserver-lr = 0.004\n"
+        '[[axis]]\nlabel = "n-2"\nnum-supernodes = 2\nnum-server-rounds = 5\n'
+        '[datasets.mnist1d.axis."n-2"]\nnum-server-rounds = 50\n'
+        "[datasets.mnist1d.preset]\nseeds = [7]\n"
     )
     monkeypatch.setattr("simulations.sweep.PRESET_DIR", tmp_path)
     a, b = plan_runs("p", out=tmp_path / "runs", dataset="mnist1d")
     assert a.overrides["model"] == "mnist1d-mlp" and a.overrides["server-lr"] == 0.002
     assert b.overrides["server-lr"] == 0.004  # the method's table on that data set wins over its own
+    assert a.overrides["num-server-rounds"] == 50 and a.num_supernodes == 2 and a.seed == 7
     a, b = plan_runs("p", out=tmp_path / "runs", dataset="mnist", data_dir="/data")
     assert a.overrides["model"] == "auto" and a.overrides["server-lr"] == 0.01
-    assert b.overrides["server-lr"] == 0.03
+    assert b.overrides["server-lr"] == 0.03 and a.overrides["num-server-rounds"] == 5 and a.seed == 0
 
 
 def test_speedup_scales_lr_with_sqrt_n(tmp_path):
