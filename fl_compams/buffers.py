@@ -1,0 +1,137 @@
+"""Non-trainable buffers (BatchNorm running statistics and counters): checked, averaged, counted; never compressed.
+
+A model's buffers (:attr:`fl_compams.flat.ParamSpec.buffer_names`) stay out of the flat vector the core
+compresses, and out of the server optimizer: AMSGrad's moments cover the trainable parameters only. The config
+key ``buffers`` says what happens to them:
+
+``average``
+    Every reply carries its buffers dense beside the compressed payload (float32 statistics, int64 counters).
+    The server checks them (:func:`check`), averages them over the replies it applied this round with the
+    payloads' weights (:func:`average`; FedAvg applied to the whole state dict, McMahan et al., AISTATS 2017)
+    and broadcasts and evaluates the average. A round that applies nothing keeps the previous buffers.
+``local``
+    FedBN (Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization", ICLR 2021):
+    each client keeps its own buffers in its state and sends none. The server never learns them, so it keeps the
+    initial buffers of the seeded model: its central evaluation measures the shared weights with those
+    statistics, which is not FedBN's per-client evaluation (FedBN evaluates each client with its own buffers on
+    its own data); read that column as a lower bound, not as the method's accuracy.
+
+Averaging variances ignores the spread of the clients' means (the average of per-client variances is not the
+variance of the pooled data); it is what averaging the state dict does and what FedAvg baselines report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fl_compams.errors import ConfigError, PayloadError
+from fl_compams.flat import ParamSpec, flatten
+
+__all__ = ["BUFFER_MODES", "average", "check", "check_spec", "theory_bits", "unsupported"]
+
+#: Values of the ``buffers`` config key.
+BUFFER_MODES = ("average", "local")
+#: Buffer dtypes that travel: floating statistics and integer counters.
+FLOAT_DTYPES = ("float32",)
+INT_DTYPES = ("int64",)
+#: Buffers that are variances (BatchNorm's ``running_var``): finite and >= 0.
+_VARIANCE_SUFFIX = "running_var"
+
+
+def check_spec(spec: ParamSpec) -> None:
+    """Raise ConfigError if a buffer has a dtype the wire does not carry (float32 statistics, int64 counters)."""
+    for name, dtype, trainable in zip(spec.names, spec.dtypes, spec.trainable, strict=True):
+        if not trainable and dtype not in FLOAT_DTYPES + INT_DTYPES:
+            raise ConfigError(
+                f"model buffer {name!r} is {dtype}; buffers must be float32 or int64 (BatchNorm's statistics)"
+            )
+
+
+def unsupported(algorithm: str, downlink_compressor: str, baselines: Sequence[str]) -> str | None:
+    """Why a run with a model that has buffers cannot go ahead, or None if it can.
+
+    Flower's own FedAvg / FedAdam would treat buffers as weights (FedAdam takes adaptive steps on running
+    variances; FedAvg turns the int64 counter into a float); two-way compression trains on a replica of the
+    trainable vector only, which has no buffers to carry them.
+    """
+    if algorithm in baselines:
+        return (
+            f"algorithm {algorithm!r} is Flower's own strategy, which averages (or steps) every array, buffers "
+            "included; use algorithm = 'compams' with compressor = 'identity' for a dense FedAvg-like baseline"
+        )
+    if downlink_compressor != "identity":
+        return (
+            f"downlink-compressor = {downlink_compressor!r}: two-way compression sends the trainable vector "
+            "only and cannot carry buffers; use 'identity'"
+        )
+    return None
+
+
+def check(spec: ParamSpec, tensors: Mapping[str, torch.Tensor], what: str = "buffers") -> None:
+    """Raise PayloadError unless ``tensors`` are exactly the spec's buffers with sane values.
+
+    Names, shapes and dtypes as the spec says; float buffers finite, variances (``*running_var``) >= 0;
+    integer counters >= 0.
+    """
+    expected = spec.buffer_names
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise PayloadError(
+            f"{what} must be the model's buffers: missing {missing[:8]}, unexpected {extra[:8]}"
+        )
+    shapes = dict(zip(spec.names, spec.shapes, strict=True))
+    dtypes = dict(zip(spec.names, spec.dtypes, strict=True))
+    for name in expected:
+        t = tensors[name]
+        dtype = str(t.dtype).removeprefix("torch.")
+        if tuple(t.shape) != shapes[name] or dtype != dtypes[name]:
+            raise PayloadError(
+                f"{what}: {name!r} must be {dtypes[name]} of shape {shapes[name]}, got {dtype} of shape "
+                f"{tuple(t.shape)}"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"{what}: {name!r} has non-finite values")
+        if (name.endswith(_VARIANCE_SUFFIX) or not t.is_floating_point()) and bool((t < 0).any()):
+            raise PayloadError(f"{what}: {name!r} has negative values (a variance or a counter)")
+
+
+def average(
+    spec: ParamSpec, buffers: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> torch.Tensor:
+    """``sum_i w_i b_i`` as a flat float32 vector in the spec's buffer order (float64 accumulation).
+
+    ``weights`` are normalised (they sum to 1). Integer counters are rounded to the nearest integer, so the
+    vector unflattens to the spec's dtypes exactly (float32 holds integers exactly up to 2**24).
+    """
+    if not buffers or len(buffers) != len(weights):
+        raise ValueError(
+            f"need one weight per buffer set and at least one set, got {len(buffers)}, {len(weights)}"
+        )
+    total = torch.zeros(spec.buffer_dim, dtype=torch.float64)
+    for tensors, w in zip(buffers, weights, strict=True):
+        total += float(w) * flatten(tensors, spec, trainable=False).cpu().double()
+    offset = 0
+    for name in spec.buffer_names:
+        i = spec.names.index(name)
+        size = spec.sizes[i]
+        if spec.dtypes[i] in INT_DTYPES:
+            total[offset : offset + size] = total[offset : offset + size].round()
+        offset += size
+    return total.float()
+
+
+def theory_bits(spec: ParamSpec) -> float:
+    """Bits of one dense buffer set: 32 per float32 value, 64 per int64 counter."""
+    bits = 0
+    for dtype, size, trainable in zip(spec.dtypes, spec.sizes, spec.trainable, strict=True):
+        if not trainable:
+            bits += 64 * size if dtype in INT_DTYPES else 32 * size
+    return float(bits)
+
+
+def nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a buffer set's values (its size in a client's state)."""
+    return sum(math.prod(t.shape) * t.element_size() for t in tensors.values())
