@@ -6,7 +6,8 @@ Times, on the CPU and on random 3x32x32 inputs (the cost does not depend on the 
   forward and backward of one minibatch in train mode, BatchNorm statistics updated)
 * ``EF step <C>``     ``worker_end``: ``payload = C(u + e)``, ``e' = u + e - decode(payload)``, ``to_bytes``
 * ``server step <C>`` the server's round for ``--clients`` replies: ``from_bytes`` of every payload,
-  ``server_step`` (bound, weighted mean, AMSGrad) and the average of the clients' BatchNorm buffers
+  ``server_step`` (bound, weighted mean, AMSGrad) and the clients' BatchNorm buffers (checked by
+  ``strategies.validate.buffers_reply``, then averaged; also timed alone)
 
 and reports the bytes of one round per client: the payload, the buffers record and the whole reply as Flower
 serialises them (``strategies.wire.wire_bytes``), the dense broadcast, and the theory bits. Prints the machine
@@ -39,6 +40,7 @@ from fl_compams.algorithm import ServerReply, WorkerState, server_step, worker_e
 from fl_compams.codec import from_bytes
 from fl_compams.config import build_algorithm
 from fl_compams.server import init_server_state
+from strategies import validate
 from strategies.wire import wire_bytes
 from tasks.models import build_model
 from tasks.training import local_update
@@ -106,7 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("client fwd+bwd (one minibatch)", t_client)]
     sd = model.state_dict()
     buffer_set = {n: sd[n].detach().clone() for n in spec.buffer_names}
-    buffer_record = ArrayRecord({n: Array(t.numpy()) for n, t in buffer_set.items()})
+    # as the ClientApp sends them (clients.model_buffers): one float32 and one int64 vector
+    buffer_record = ArrayRecord({k: Array(t.numpy()) for k, t in buffers.pack(spec, buffer_set).items()})
+    reply_buffers = RecordDict({protocol.BUFFERS: buffer_record})
+    weights = aggregation_weights("num-examples", [100] * args.clients)
+
+    def buffer_round():
+        sets = [validate.buffers_reply(reply_buffers, spec, expected=True) for _ in range(args.clients)]
+        return buffers.average(spec, sets, weights)
+
+    t_buffers, _ = timed(buffer_round, args.repeats)
+    rows.append(
+        (f"server: check and average {args.clients} buffer sets (in the server steps below)", t_buffers)
+    )
     dense = RecordDict({protocol.ARRAYS: ArrayRecord({k: v.detach().contiguous() for k, v in sd.items()})})
     byte_rows = []
     for label, settings in COMPRESSORS.items():
@@ -138,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i, d in enumerate(ds)
             ]
             new, _ = server_step(a, s, 1, replies)
-            weights = aggregation_weights("num-examples", [100] * len(ds))
-            return new, buffers.average(spec, [buffer_set] * len(ds), weights)
+            return new, buffer_round()
 
         t_server, _ = timed(server_round, args.repeats)
         rows.append((f"server step {label} ({args.clients} replies + buffer average)", t_server))

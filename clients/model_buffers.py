@@ -1,7 +1,8 @@
 """A client's side of model buffers (BatchNorm statistics), :mod:`fl_compams.buffers`.
 
 ``buffers = "average"``: after local training the model's buffers go into the reply, dense, as the ``buffers``
-ArrayRecord (float32 statistics, int64 counters; Flower serialises them as ``.npy`` bytes without pickle).
+ArrayRecord: one float32 vector of the statistics and one int64 vector of the counters, in ParamSpec order
+(:func:`fl_compams.buffers.pack`; Flower serialises them as ``.npy`` bytes without pickle).
 ``buffers = "local"`` (FedBN): the client trains with its own buffers, kept in ``context.state`` under
 :data:`RECORD` (mirrored to disk with the rest of the state, reported as ``state-bytes-buffers``), and sends
 none; before its first round it starts from the broadcast (the server's initial) buffers.
@@ -57,4 +58,5 @@ def after_training(
     if cfg.data.buffers == "local":
         context.state[RECORD] = ArrayRecord({name: Array(t.numpy()) for name, t in tensors.items()})
         return None, buffers.nbytes(tensors)
-    return ArrayRecord({name: Array(t.numpy()) for name, t in tensors.items()}), 0
+    packed = buffers.pack(spec, tensors)
+    return ArrayRecord({dtype: Array(t.numpy()) for dtype, t in packed.items()}), 0

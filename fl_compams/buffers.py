@@ -30,7 +30,17 @@ import torch
 from fl_compams.errors import ConfigError, PayloadError
 from fl_compams.flat import ParamSpec, flatten
 
-__all__ = ["BUFFER_MODES", "average", "check", "check_spec", "theory_bits", "unsupported"]
+__all__ = [
+    "BUFFER_MODES",
+    "average",
+    "check",
+    "check_spec",
+    "pack",
+    "packed_shapes",
+    "theory_bits",
+    "unpack",
+    "unsupported",
+]
 
 #: Values of the ``buffers`` config key.
 BUFFER_MODES = ("average", "local")
@@ -121,6 +131,52 @@ def average(
             total[offset : offset + size] = total[offset : offset + size].round()
         offset += size
     return total.float()
+
+
+def packed_shapes(spec: ParamSpec) -> dict[str, tuple[int]]:
+    """The wire layout of a buffer set: one flat vector per dtype (``float32``, ``int64``), in spec order.
+
+    Two arrays instead of one per buffer: ResNet-18 has 60 buffers, and each array on the wire carries its own
+    ``.npy`` header and name (about 350 bytes: 21 kB of 60 kB per reply, against 0.3 kB packed). A dtype the
+    model has no buffer of is left out.
+    """
+    counts: dict[str, int] = {}
+    for dtype, size, trainable in zip(spec.dtypes, spec.sizes, spec.trainable, strict=True):
+        if not trainable:
+            counts[dtype] = counts.get(dtype, 0) + size
+    return {dtype: (n,) for dtype, n in counts.items()}
+
+
+def pack(spec: ParamSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A buffer set as :func:`packed_shapes` lays it out (CPU tensors)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, dtype, trainable in zip(spec.names, spec.dtypes, spec.trainable, strict=True):
+        if not trainable:
+            parts.setdefault(dtype, []).append(tensors[name].detach().cpu().reshape(-1))
+    return {dtype: torch.cat(ts) for dtype, ts in parts.items()}
+
+
+def unpack(spec: ParamSpec, packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Named buffers from :func:`pack`'s vectors, which must have :func:`packed_shapes` (else PayloadError)."""
+    shapes = packed_shapes(spec)
+    if set(packed) != set(shapes):
+        raise PayloadError(f"buffers must be the vectors {sorted(shapes)}, got {sorted(packed)[:8]}")
+    offsets = dict.fromkeys(shapes, 0)
+    out = {}
+    for name, shape, dtype, size, trainable in zip(
+        spec.names, spec.shapes, spec.dtypes, spec.sizes, spec.trainable, strict=True
+    ):
+        if trainable:
+            continue
+        vector = packed[dtype]
+        if tuple(vector.shape) != shapes[dtype] or str(vector.dtype).removeprefix("torch.") != dtype:
+            raise PayloadError(
+                f"buffers: the {dtype} vector must be {dtype} of shape {shapes[dtype]}, got "
+                f"{str(vector.dtype).removeprefix('torch.')} of shape {tuple(vector.shape)}"
+            )
+        out[name] = vector[offsets[dtype] : offsets[dtype] + size].reshape(shape)
+        offsets[dtype] += size
+    return out
 
 
 def theory_bits(spec: ParamSpec) -> float:

@@ -23,9 +23,10 @@ Rules:
   empty). Claims are only labels: they are granted in node id order, the first claim of a label wins and a
   later duplicate, like any node whose claim is malformed, is named ``node-<node id>`` (a label no valid name
   can take, since names are never all digits).
-- **Buffers** (``buffers = "average"``, :mod:`fl_compams.buffers`): a reply with a payload carries exactly the
-  model's buffers in the ``buffers`` ArrayRecord (float32 statistics, int64 counters, each of its shape, read
-  like arrays below), finite, with variances and counters >= 0; any other reply carries none.
+- **Buffers** (``buffers = "average"``, :mod:`fl_compams.buffers`): a reply with a payload carries the model's
+  buffers in the ``buffers`` ArrayRecord (one float32 vector of statistics, one int64 vector of counters, each of
+  the model's length, read like arrays below), finite, with variances and counters >= 0; any other reply carries
+  none.
 - **Arrays** (probe gradients, Flower baselines' models) must be float32 numpy arrays of the expected shape
   whose ``.npy`` header agrees, with finite values; they are read with ``np.frombuffer``, never ``np.load``,
   so a header claiming a huge shape allocates nothing.
@@ -287,9 +288,10 @@ def buffers_reply(content: RecordDict, spec: ParamSpec, *, expected: bool) -> di
     """The model buffers a training reply carries (``buffers = "average"``), checked; None if it carries none.
 
     ``expected``: the reply must carry them (a reply with a payload under ``buffers = "average"``); otherwise it
-    must not (``buffers = "local"``, a skip, a model without buffers). The record holds exactly the spec's buffers,
-    each a numpy array of its shape and dtype (float32 or int64, header checked before anything is read); the
-    values must pass :func:`fl_compams.buffers.check` (finite, variances and counters >= 0).
+    must not (``buffers = "local"``, a skip, a model without buffers). The record holds the spec's buffers packed
+    (:func:`fl_compams.buffers.pack`: one float32 and one int64 vector, each of its length; headers checked before
+    anything is read); the values must pass :func:`fl_compams.buffers.check` (finite, variances and counters
+    >= 0). Returns them by name.
     """
     record = content[protocol.BUFFERS] if protocol.BUFFERS in content else None
     if not expected:
@@ -304,18 +306,17 @@ def buffers_reply(content: RecordDict, spec: ParamSpec, *, expected: bool) -> di
             f"reply has no {protocol.BUFFERS!r} ArrayRecord with the model's buffers (buffers = 'average'); got "
             f"records {quote_names(content.keys())}"
         )
-    shapes = dict(zip(spec.names, spec.shapes, strict=True))
-    dtypes = dict(zip(spec.names, spec.dtypes, strict=True))
-    if set(record.keys()) != set(spec.buffer_names):
+    shapes = buffers.packed_shapes(spec)
+    if set(record.keys()) != set(shapes):
         raise PayloadError(
-            f"buffers must be the model's {quote_names(spec.buffer_names)}, got {quote_names(record.keys())}"
+            f"buffers must be the vectors {quote_names(shapes)} of the model's buffers, got "
+            f"{quote_names(record.keys())}"
         )
-    tensors = {
-        name: torch.from_numpy(
-            _numpy_array(record[name], f"buffer {name!r}", tuple(shapes[name]), dtypes[name]).copy()
-        )
-        for name in spec.buffer_names
+    packed = {
+        dtype: torch.from_numpy(_numpy_array(record[dtype], f"buffers {dtype!r}", shape, dtype).copy())
+        for dtype, shape in shapes.items()
     }
+    tensors = buffers.unpack(spec, packed)
     buffers.check(spec, tensors)
     return tensors
 

@@ -26,6 +26,8 @@ from tasks.task import model_for_task
 
 NODES = 3
 BASE = {"model": "digits-bn-cnn", "seed": 1, "batch-size": 16, "weighting": "num-examples"}
+SPEC = ParamSpec.from_module(model_for_task(parse_config(BASE).data, 0))
+# the packed float32 vector: 1.running_mean [0, 32), 1.running_var [32, 64), 4.running_mean, 4.running_var
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +72,8 @@ def client_replies(strategy, contexts, rnd):
 
 
 def reply_buffers(reply):
-    return {k: torch.from_numpy(v.numpy().copy()) for k, v in reply.content[protocol.BUFFERS].items()}
+    packed = {k: torch.from_numpy(v.numpy().copy()) for k, v in reply.content[protocol.BUFFERS].items()}
+    return buffers.unpack(SPEC, packed)
 
 
 def server_buffers(strategy):
@@ -115,23 +118,33 @@ def test_server_averages_the_applied_replies_buffers_and_broadcasts_them():
     assert all(int(reply_buffers(r)["1.num_batches_tracked"]) == 3 for r in replies)
 
 
-def corrupt(reply, name, value):
+def corrupt(reply, name, edit):
+    """Replace (or with ``edit = None`` remove) one vector of the reply's packed buffers."""
     record = reply.content[protocol.BUFFERS]
-    if value is None:
+    if edit is None:
         del record[name]
     else:
-        record[name] = Array(value)
+        record[name] = Array(edit(record[name].numpy().copy()) if callable(edit) else edit)
     return reply
 
 
+def _set(lo, hi, value):
+    def edit(a):
+        a[lo:hi] = value
+        return a
+
+    return edit
+
+
 BAD = {
-    "nan mean": lambda r: corrupt(r, "1.running_mean", torch.full((32,), math.nan).numpy()),
-    "negative variance": lambda r: corrupt(r, "1.running_var", -torch.ones(32).numpy()),
-    "wrong shape": lambda r: corrupt(r, "4.running_var", torch.ones(63).numpy()),
-    "wrong dtype": lambda r: corrupt(r, "4.running_var", torch.ones(64, dtype=torch.float64).numpy()),
-    "negative counter": lambda r: corrupt(r, "1.num_batches_tracked", torch.tensor(-3).numpy()),
-    "missing buffer": lambda r: corrupt(r, "4.running_mean", None),
-    "extra buffer": lambda r: corrupt(r, "9.running_mean", torch.zeros(4).numpy()),
+    "nan mean": lambda r: corrupt(r, "float32", _set(3, 4, math.nan)),
+    "infinite variance": lambda r: corrupt(r, "float32", _set(40, 41, math.inf)),
+    "negative variance": lambda r: corrupt(r, "float32", _set(32, 64, -1.0)),
+    "short vector": lambda r: corrupt(r, "float32", torch.ones(191).numpy()),
+    "wrong dtype": lambda r: corrupt(r, "float32", torch.ones(192, dtype=torch.float64).numpy()),
+    "negative counter": lambda r: corrupt(r, "int64", _set(0, 1, -3)),
+    "missing vector": lambda r: corrupt(r, "int64", None),
+    "extra vector": lambda r: corrupt(r, "float64", torch.zeros(4, dtype=torch.float64).numpy()),
     "no buffers record": lambda r: Message(
         RecordDict({k: v for k, v in r.content.items() if k != protocol.BUFFERS}), reply_to=_to(r)
     ),
@@ -241,6 +254,10 @@ def test_buffer_checks_name_the_problem():
         if n in spec.buffer_names
     }
     buffers.check(spec, good)
+    packed = buffers.pack(spec, good)
+    assert {k: tuple(v.shape) for k, v in packed.items()} == {"float32": (192,), "int64": (2,)}
+    back = buffers.unpack(spec, packed)
+    assert list(back) == list(spec.buffer_names) and all(torch.equal(back[n], good[n]) for n in good)
     with pytest.raises(PayloadError, match=r"running_var.*negative"):
         buffers.check(spec, {**good, "4.running_var": -good["4.running_var"] - 1})
 
