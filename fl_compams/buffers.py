@@ -10,11 +10,17 @@ key ``buffers`` says what happens to them:
     payloads' weights (:func:`average`; FedAvg applied to the whole state dict, McMahan et al., AISTATS 2017)
     and broadcasts and evaluates the average. A round that applies nothing keeps the previous buffers.
 ``local``
-    FedBN (Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization", ICLR 2021):
-    each client keeps its own buffers in its state and sends none. The server never learns them, so it keeps the
-    initial buffers of the seeded model: its central evaluation measures the shared weights with those
-    statistics, which is not FedBN's per-client evaluation (FedBN evaluates each client with its own buffers on
-    its own data); read that column as a lower bound, not as the method's accuracy.
+    FedBN's handling of the statistics (Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch
+    Normalization", ICLR 2021; FedBN also keeps BatchNorm's affine weights local, here they are shared and
+    compressed like every trainable tensor): each client keeps its own buffers in its state and sends none. The
+    server never learns them, so it keeps (broadcasts, evaluates, checkpoints) the seeded model's initial buffers
+    (mean 0, variance 1). Its central accuracy then measures the shared weights with untrained statistics, which
+    says little about the method: FedBN evaluates each client with its own buffers on its own data, and that
+    per-client evaluation is not built here.
+
+In train mode BatchNorm normalises with each minibatch's own statistics, so local training (losses, gradients,
+payloads) never reads the running buffers: they matter only where the model runs in eval mode (the server's
+evaluation, the sigma_g^2 probe, a client's evaluation).
 
 Averaging variances ignores the spread of the clients' means (the average of per-client variances is not the
 variance of the pooled data); it is what averaging the state dict does and what FedAvg baselines report.
