@@ -350,6 +350,14 @@ class CompAMS(FedAvg):
             if down is None
             else f"{type(down.compressor).__name__} with server EF, a log of {down.log_size} broadcasts",
         )
+        if self.spec.buffer_dim:
+            log.info(
+                "\t├──> Buffers: %d values (BatchNorm statistics), %s",
+                self.spec.buffer_dim,
+                "sent dense and averaged like the updates"
+                if self.averages_buffers
+                else "kept by each client (FedBN); the server evaluates with the initial ones",
+            )
         log.info("\t└──> Evaluation: central, on the server's test set (no federated evaluation round)")
 
     # ------------------------------------------------------------------------------------------ helpers
