@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import baselines, state_io
+from clients import baselines, model_buffers, state_io
 from fl_compams import protocol
 from fl_compams.algorithm import FLOWER_BASELINES, Instruction, worker_begin, worker_end
 from fl_compams.config import ExperimentConfig, build_algorithm, parse_config
@@ -60,10 +60,7 @@ def train(msg: Message, context: Context) -> Message:
     """One worker round: records in, ``worker_begin`` / local training / ``worker_end``, records out."""
     cfg, device, pid, server_round, x, y, model = _setup(msg, context)
     spec = ParamSpec.from_module(model)
-    if spec.buffer_dim:
-        raise ValueError(
-            "models with non-trainable buffers (e.g. BatchNorm statistics) are not supported yet"
-        )
+    model_buffers.check_supported(cfg, spec)  # buffers travel dense beside the payload, or stay local
     algorithm = None if cfg.algorithm in FLOWER_BASELINES else build_algorithm(cfg, spec.block_sizes)
     qsparse = algorithm.qsparse if algorithm is not None else None
     steps = qsparse.period(pid) if qsparse is not None else cfg.train.local_steps  # Qsparse's H_r
@@ -84,8 +81,10 @@ def train(msg: Message, context: Context) -> Message:
             record = ConfigRecord({protocol.REPLY_ROUND: server_round, protocol.RESYNC: str(err)[:500]})
             return Message(RecordDict({protocol.PAYLOAD: record}), reply_to=msg)
         model.load_state_dict(unflatten(worker.replica.cpu(), spec))
+    model_buffers.use_local(context, model, spec, cfg)  # FedBN: this client's own statistics
     update, loss = _local_update(cfg, device, pid, server_round, x, y, model, steps)
     metrics = {protocol.NUM_EXAMPLES: int(x.shape[0]), protocol.TRAIN_LOSS: float(loss)}
+    buffer_record, buffer_bytes = model_buffers.after_training(context, model, spec, cfg)
     worker, begun = worker_begin(algorithm, worker, instruction, dim=spec.dim, device=device)
     residual_in = float(worker.residual.norm()) if worker.residual is not None else 0.0
     rng = torch.Generator(device=device).manual_seed(protocol.derive_seed(cfg.seed, pid, server_round, 2))
@@ -105,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
         protocol.STATE_ROUNDS: worker.rounds,
         **{protocol.STATE_BYTES[slot]: n for slot, n in state_io.state_bytes(worker).items() if n},
     }
+    if buffer_bytes:
+        metrics[protocol.STATE_BYTES[protocol.BUFFER_SLOT]] = buffer_bytes
     record = ConfigRecord(
         {
             protocol.PAYLOAD_BYTES: reply.payload,
@@ -116,9 +117,10 @@ def train(msg: Message, context: Context) -> Message:
         record[protocol.REPLICA] = str(worker.replica_version)  # the version it trained at
     if reply.skip:  # LAQ: a skip is this flag and an empty payload
         record[protocol.SKIP] = True
-    return Message(
-        RecordDict({protocol.PAYLOAD: record, protocol.METRICS: MetricRecord(metrics)}), reply_to=msg
-    )
+    content = RecordDict({protocol.PAYLOAD: record, protocol.METRICS: MetricRecord(metrics)})
+    if buffer_record is not None and not reply.skip:  # buffers = "average": dense, beside the payload
+        content[protocol.BUFFERS] = buffer_record
+    return Message(content, reply_to=msg)
 
 
 def _local_update(cfg: ExperimentConfig, device, pid: int, server_round: int, x, y, model, steps: int):

@@ -39,9 +39,11 @@ MAGIC = b"CAMSCKPT"
 #: LAQ's server state (header key ``lazy``, tensors ``lazy.*``). Older files are migrated on load: version 1
 #: predates acknowledged client state (no status was outstanding); versions 1 and 2 predate the adaptive bound
 #: (its history starts empty, so the first rounds after the resume bound as the first rounds of a run do);
-#: versions 1 to 3 predate the downlink (one-way) and LAQ (no LAQ state).
-VERSION = 4
-_READABLE = (1, 2, 3, 4)
+#: versions 1 to 3 predate the downlink (one-way) and LAQ (no LAQ state). 5 added the model's buffers (tensor
+#: ``buffers``, BatchNorm statistics, :mod:`fl_compams.buffers`); a version-4 reader would drop them silently, so
+#: the version says so. Versions 1 to 4 predate models with buffers (the run refused them): no buffers.
+VERSION = 5
+_READABLE = (1, 2, 3, 4, 5)
 _PREFIX = struct.Struct("<8sHI")
 _DIGEST = 32
 _NAME = re.compile(r"^round-(\d{6,})\.ckpt$")
@@ -66,6 +68,7 @@ def save_checkpoint(directory: Path | str, state: ServerState, extra: dict[str, 
         **_opt_tensors(state.opt_state),
         **_downlink_tensors(state.downlink),
         **_lazy_tensors(state.lazy),
+        **({} if state.buffers is None else {"buffers": state.buffers}),
     }
     table, chunks, offset = [], [], 0
     for name, t in tensors.items():
@@ -111,7 +114,8 @@ def load_checkpoint(
     Besides the checksum, the header is checked field by field before it is used (a file with a valid
     checksum may still have been written by something else): every tensor's table entry (a known dtype, a
     shape whose size matches its byte count, inside the file), a 1-D ``theta`` (of ``dim`` parameters when
-    given), optimizer tensors of theta's shape, integer counters >= 0, well-formed statuses, a dict ``extra``.
+    given), optimizer tensors of theta's shape, a float32 vector of buffers if any (its length is the caller's
+    check: the spec's ``buffer_dim``), integer counters >= 0, well-formed statuses, a dict ``extra``.
     Anything else raises :class:`CheckpointError`, so :func:`latest_checkpoint` skips the file.
     """
     raw = Path(path).read_bytes()
@@ -168,7 +172,12 @@ def load_checkpoint(
         recent = header.get("recent_norms", [])
         _require(isinstance(recent, list), "recent_norms is not a list")
         recent = tuple(_norms(norms) for norms in recent)
-        state = ServerState(header["round"], theta, opt_state, unacked, recent, down, lazy)
+        buffers = tensors.get("buffers")
+        _require(
+            buffers is None or (buffers.dim() == 1 and buffers.dtype == torch.float32),
+            "buffers must be a float32 vector",
+        )
+        state = ServerState(header["round"], theta, opt_state, unacked, recent, down, lazy, buffers)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON

@@ -22,6 +22,7 @@ from typing import Any
 from fl_compams.aggregate import WEIGHTINGS
 from fl_compams.algorithm import ALGORITHMS as COMPOSITIONS
 from fl_compams.algorithm import BOUND_MODES, FLOWER_BASELINES, Algorithm, ReplyBound
+from fl_compams.buffers import BUFFER_MODES
 from fl_compams.client_opt import LocalAdam, NesterovMomentum
 from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_class, compressor_keys
 from fl_compams.downlink import DownlinkPart
@@ -67,11 +68,13 @@ DATASETS = ("digits", "mnist1d", "mnist", "fashion-mnist", "cifar10")
 MODELS = (
     "auto",
     "digits-cnn",
+    "digits-bn-cnn",
     "mnist1d-cnn",
     "mnist1d-mlp",
     "transformer",
     "mnist-cnn",
     "cifar-cnn",
+    "resnet18",
     "logreg",
 )
 #: The mnist1d package's default ``num_samples`` (its ``get_dataset_args()``; a test keeps the two equal).
@@ -215,6 +218,13 @@ _REST: tuple[Key, ...] = (
         "data set; digits is embedded, mnist1d is generated locally, the others need data-dir",
     ),
     key("model", "auto", choice(MODELS), "model; auto picks the data set's default"),
+    key(
+        "buffers",
+        "average",
+        choice(BUFFER_MODES),
+        "model buffers (BatchNorm statistics): average = sent dense and averaged by the server; local = kept "
+        "by each client (FedBN), never sent (fl_compams.buffers)",
+    ),
     key(
         "data-dir",
         "",
@@ -427,6 +437,7 @@ class DataConfig:
 
     dataset: str
     model: str
+    buffers: str
     data_dir: str
     download: bool
     partitioner: str

@@ -86,6 +86,11 @@ class ParamSpec:
         """Total number of elements of the non-trainable tensors."""
         return sum(n for n, t in zip(self.sizes, self.trainable, strict=True) if not t)
 
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """Names of the non-trainable tensors (BatchNorm running statistics and counters), in state-dict order."""
+        return tuple(n for n, t in zip(self.names, self.trainable, strict=True) if not t)
+
     def to_dict(self) -> dict:
         """JSON-serialisable form (for results files and checkpoints)."""
         return {

@@ -32,6 +32,9 @@ LAZY = "lazy"
 LAZY_THRESHOLD = "threshold"
 LAZY_RESET = "reset"
 SKIP = "skip"
+#: Reply record (an ArrayRecord) with the model's buffers, dense, by name (``buffers = "average"``,
+#: fl_compams.buffers): float32 statistics and int64 counters, beside the compressed payload.
+BUFFERS = "buffers"
 #: Reply metrics (a MetricRecord).
 METRICS = "metrics"
 #: Probe reply: the full local gradient (an ArrayRecord with one float32 vector under PROBE_GRADIENT).
@@ -70,7 +73,9 @@ LOCAL_VARIANCE = "local-variance"
 #: Bytes of each slot of a client's state after its reply (design.md section 7, "State size"), one metric per
 #: slot that holds anything: ``state-bytes-<slot>``.
 STATE_SLOTS = ("residual", "pending", "local_opt", "local_change", "replica", "momentum", "lazy")
-STATE_BYTES = {slot: f"state-bytes-{slot.replace('_', '-')}" for slot in STATE_SLOTS}
+#: ``buffers = "local"`` (FedBN): the client's own model buffers, kept beside the worker state (clients.buffers).
+BUFFER_SLOT = "buffers"
+STATE_BYTES = {slot: f"state-bytes-{slot.replace('_', '-')}" for slot in (*STATE_SLOTS, BUFFER_SLOT)}
 
 #: Run-config keys a client needs (``config.client_keys()``: every key whose ``side`` is "client", compressor
 #: keys included); the server sends them in every instruction, so clients work the same under ``flwr run`` and
@@ -129,7 +134,7 @@ REPLICA = "replica"
 RESYNC = "resync"
 #: Client keys sent only when they differ from their default (clients fill in the default), so that a key for a
 #: new algorithm part leaves the default instruction's bytes unchanged.
-OPTIONAL_CLIENT_KEYS = ("client-momentum",)
+OPTIONAL_CLIENT_KEYS = ("client-momentum", "buffers")
 
 
 def downlink_to_fields(instruction: DownInstruction) -> dict[str, Any]:

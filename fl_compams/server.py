@@ -40,14 +40,27 @@ class ServerState(NamedTuple):
     downlink: Downlink | None = None
     #: LAQ's aggregate, per-client last uploads and contacts, recent model changes (:class:`fl_compams.laq.LazyServer`).
     lazy: Any = None
+    #: The model's non-trainable buffers, flat float32 in ParamSpec buffer order (None = the model has none).
+    buffers: torch.Tensor | None = None
 
 
 def init_server_state(
-    theta: torch.Tensor, optimizer: ServerOptimizer, *, two_way: bool = False
+    theta: torch.Tensor,
+    optimizer: ServerOptimizer,
+    *,
+    two_way: bool = False,
+    buffers: torch.Tensor | None = None,
 ) -> ServerState:
-    """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0)."""
+    """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0).
+
+    ``buffers``: the initial model's buffers (:mod:`fl_compams.buffers`); the optimizer never sees them.
+    """
     return ServerState(
-        0, theta.clone(), optimizer.init(theta), downlink=init_downlink(theta) if two_way else None
+        0,
+        theta.clone(),
+        optimizer.init(theta),
+        downlink=init_downlink(theta) if two_way else None,
+        buffers=None if buffers is None else buffers.clone(),
     )
 
 

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_compams import laq, protocol
+from fl_compams import buffers, laq, protocol
 from fl_compams.aggregate import aggregation_weights
 from fl_compams.algorithm import Algorithm, Outcome, ServerReply, instruction_for, server_step
 from fl_compams.config import ExperimentConfig, default_config
@@ -45,6 +45,8 @@ class ValidReply:
     payload_bytes: int
     metrics: dict
     claimed_examples: int
+    #: The model buffers it carried (``buffers = "average"``), checked; None when it carries none.
+    buffers: dict | None = None
 
 
 class CompAMS(FedAvg):
@@ -94,6 +96,8 @@ class CompAMS(FedAvg):
         self.round_offset = round_offset
         self.traffic: dict[int, RoundTraffic] = {}
         self._sent: dict[int, list[Message]] = {}
+        #: Replies carry the model's buffers and the server averages them (fl_compams.buffers).
+        self.averages_buffers = spec.buffer_dim > 0 and config.data.buffers == "average"
 
     def label(self, node_id: int) -> str:
         """Stable name of a node: its partition if known, else its node id."""
@@ -243,6 +247,8 @@ class CompAMS(FedAvg):
         skips = sum(v.reply.payload is None for v in ok)
         traffic.uplink_theory_bits = self.compressor.theory_bits(self.spec.dim) * (len(ok) - skips)
         traffic.uplink_theory_bits += laq.SKIP_BITS * skips
+        if self.averages_buffers:
+            self._average_buffers(ok, step, traffic)
         traffic.train_loss = _mean(self.algorithm.weighting, ok, protocol.TRAIN_LOSS)
         traffic.residual_norm = sum(v.metrics.get(protocol.RESIDUAL_NORM, 0.0) for v in ok) / len(ok)
         return self.current_arrays(), self._metrics(traffic)
@@ -279,7 +285,31 @@ class CompAMS(FedAvg):
             )
         replica = validate.replica_echo(msg.content) if self.state.downlink is not None else None
         reply = ServerReply(label, rnd, checked.payload, n, checked.acked, replica)
-        return ValidReply(reply, checked.payload_bytes, metrics.values, metrics.claimed)
+        tensors = validate.buffers_reply(
+            msg.content, self.spec, expected=self.averages_buffers and checked.payload is not None
+        )
+        return ValidReply(reply, checked.payload_bytes, metrics.values, metrics.claimed, tensors)
+
+    def _average_buffers(self, ok: list[ValidReply], step, traffic: RoundTraffic) -> None:
+        """The buffers of the applied replies, averaged with the payloads' weights, become the model's buffers.
+
+        Clipped replies count with their base weight (a convex combination keeps statistics in range); rejected
+        ones and skips carry none into the average. Their dense bytes are in the uplink bytes already (the whole
+        reply is measured); theory bits add 32 per float value and 64 per counter of every set received.
+        """
+        applied = [
+            v
+            for v in ok
+            if v.buffers is not None
+            and (status := step.statuses.get(v.reply.label)) is not None
+            and status.outcome == Outcome.APPLIED
+        ]
+        traffic.uplink_theory_bits += buffers.theory_bits(self.spec) * sum(v.buffers is not None for v in ok)
+        if not applied:
+            return
+        weights = aggregation_weights(self.algorithm.weighting, [v.reply.num_examples for v in applied])
+        averaged = buffers.average(self.spec, [v.buffers for v in applied], weights)
+        self.state = self.state._replace(buffers=averaged.to(self.state.theta.device))
 
     def summary(self) -> None:
         """Log what this strategy does (Flower's start banner; FedAvg's would name its num-examples weighting)."""
@@ -320,6 +350,14 @@ class CompAMS(FedAvg):
             if down is None
             else f"{type(down.compressor).__name__} with server EF, a log of {down.log_size} broadcasts",
         )
+        if self.spec.buffer_dim:
+            log.info(
+                "\t├──> Buffers: %d values (BatchNorm statistics), %s",
+                self.spec.buffer_dim,
+                "sent dense and averaged like the updates"
+                if self.averages_buffers
+                else "kept by each client (FedBN); the server evaluates with the initial ones",
+            )
         log.info("\t└──> Evaluation: central, on the server's test set (no federated evaluation round)")
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -335,8 +373,15 @@ class CompAMS(FedAvg):
 
     def current_arrays(self) -> ArrayRecord:
         """The model clients hold as named dense tensors (what Flower broadcasts next round, what is evaluated)."""
-        tensors = unflatten(self.public_model().detach().cpu(), self.spec)
+        tensors = self.model_tensors()
         return ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+
+    def model_tensors(self) -> dict:
+        """The model clients hold, trainable tensors and buffers, by name in state-dict order."""
+        tensors = unflatten(self.public_model().detach().cpu(), self.spec)
+        if self.state.buffers is not None:
+            tensors |= unflatten(self.state.buffers.detach().cpu(), self.spec, trainable=False)
+        return {name: tensors[name] for name in self.spec.names}
 
     def _metrics(self, traffic: RoundTraffic) -> MetricRecord:
         return MetricRecord(

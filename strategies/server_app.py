@@ -24,13 +24,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from fl_compams import protocol
+from fl_compams import buffers, protocol
 from fl_compams.algorithm import FLOWER_BASELINES
 from fl_compams.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from fl_compams.config import build_algorithm, parse_config
 from fl_compams.downlink import init_downlink
 from fl_compams.errors import ConfigError, PayloadError
-from fl_compams.flat import ParamSpec, flatten, unflatten
+from fl_compams.flat import ParamSpec, flatten
 from fl_compams.nodes import label_sort_key
 from fl_compams.server import init_server_state
 from strategies import validate
@@ -73,6 +73,11 @@ def run_server(
     bundle = load_data(cfg.data, seed=cfg.seed)
     model = make_model(cfg.data, bundle, cfg.seed).to(device)
     spec = ParamSpec.from_module(model)
+    if spec.buffer_dim:  # BatchNorm statistics: refuse what cannot carry them before any message
+        buffers.check_spec(spec)
+        why = buffers.unsupported(cfg.algorithm, cfg.server.downlink_compressor, FLOWER_BASELINES)
+        if why is not None:
+            raise ConfigError(f"model {type(model).__name__} has buffers (BatchNorm statistics), but {why}")
     algorithm = build_algorithm(cfg, spec.block_sizes)
     names = discover_nodes(grid, cfg, max(timeout, 120.0))  # first contact may include client start-up
     if algorithm.qsparse is not None:  # a qsparse-periods list names every node's period
@@ -81,7 +86,10 @@ def run_server(
 
     checkpoints = run_dir / "checkpoints"
     two_way = algorithm.downlink is not None
-    state = init_server_state(flatten(model.state_dict(), spec), algorithm.server_opt, two_way=two_way)
+    initial_buffers = flatten(model.state_dict(), spec, trainable=False) if spec.buffer_dim else None
+    state = init_server_state(
+        flatten(model.state_dict(), spec), algorithm.server_opt, two_way=two_way, buffers=initial_buffers
+    )
     totals = {"up": 0, "down": 0, "probe": 0}
     done = 0
     if cfg.output.resume:
@@ -129,7 +137,7 @@ def run_server(
         strategy.start(
             run_grid, initial_arrays=strategy.current_arrays(), train_config=ConfigRecord(), **start
         )
-    results.save_model(unflatten(strategy.public_model().cpu(), spec))  # the model clients hold
+    results.save_model(strategy.model_tensors())  # the model clients hold, with its buffers
     end_run(
         grid, labels, min(timeout, 60.0)
     )  # the true end: nodes remove the run's state files (or keep them)
@@ -250,7 +258,9 @@ def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):
     results, which a fresh start would overwrite: then it refuses.
     """
     checkpoints = run_dir / "checkpoints"
-    found = latest_checkpoint(checkpoints, device, dim=spec.dim, check=_check_extra)
+    found = latest_checkpoint(
+        checkpoints, device, dim=spec.dim, check=lambda st, extra: _check_extra(st, extra, spec.buffer_dim)
+    )
     if found is None:
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise ConfigError(
@@ -276,8 +286,14 @@ def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):
     return saved, dict(extra["totals"]), saved.round
 
 
-def _check_extra(state, extra: dict) -> None:
-    """What the ServerApp adds to a checkpoint (``checkpoint_hook``): the config and the byte totals."""
+def _check_extra(state, extra: dict, buffer_dim: int = 0) -> None:
+    """What the ServerApp adds to a checkpoint (``checkpoint_hook``): the config and the byte totals.
+
+    Also the model's buffers: ``buffer_dim`` values when the model has any, none otherwise.
+    """
+    held = 0 if state.buffers is None else state.buffers.numel()
+    if held != buffer_dim:
+        raise CheckpointError(f"the checkpoint holds {held} buffer values, the model has {buffer_dim}")
     if not isinstance(extra.get("config"), dict):
         raise CheckpointError(
             f"'config' must be a table of settings, got {type(extra.get('config')).__name__}"

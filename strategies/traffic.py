@@ -49,7 +49,7 @@ class RoundTraffic:
         """
         rows = [self.per_client[label] for label in self.ok if label in self.per_client]
         out = {}
-        for slot in protocol.STATE_SLOTS:
+        for slot in protocol.STATE_BYTES:
             values = [int(row.get(f"state_bytes_{slot}", 0)) for row in rows]
             if any(values):
                 out[slot] = {"mean": sum(values) / len(values), "max": max(values)}

@@ -23,6 +23,10 @@ Rules:
   empty). Claims are only labels: they are granted in node id order, the first claim of a label wins and a
   later duplicate, like any node whose claim is malformed, is named ``node-<node id>`` (a label no valid name
   can take, since names are never all digits).
+- **Buffers** (``buffers = "average"``, :mod:`fl_compams.buffers`): a reply with a payload carries the model's
+  buffers in the ``buffers`` ArrayRecord (one float32 vector of statistics, one int64 vector of counters, each of
+  the model's length, read like arrays below), finite, with variances and counters >= 0; any other reply carries
+  none.
 - **Arrays** (probe gradients, Flower baselines' models) must be float32 numpy arrays of the expected shape
   whose ``.npy`` header agrees, with finite values; they are read with ``np.frombuffer``, never ``np.load``,
   so a header claiming a huge shape allocates nothing.
@@ -40,10 +44,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fl_compams import protocol
+from fl_compams import buffers, protocol
 from fl_compams.codec import from_bytes
 from fl_compams.downlink import Version, parse_version
 from fl_compams.errors import PayloadError
+from fl_compams.flat import ParamSpec
 from fl_compams.payloads import Payload
 from fl_compams.schema import PLAIN_NAME
 
@@ -52,6 +57,7 @@ __all__ = [
     "TRAIN_METRICS",
     "ReplyMetrics",
     "TrainingReply",
+    "buffers_reply",
     "check_node_name",
     "dense_model_reply",
     "node_claim",
@@ -278,18 +284,68 @@ def probe_reply(content: RecordDict, dim: int) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(grad.astype(np.float64)), float(variance)
 
 
+def buffers_reply(content: RecordDict, spec: ParamSpec, *, expected: bool) -> dict[str, torch.Tensor] | None:
+    """The model buffers a training reply carries (``buffers = "average"``), checked; None if it carries none.
+
+    ``expected``: the reply must carry them (a reply with a payload under ``buffers = "average"``); otherwise it
+    must not (``buffers = "local"``, a skip, a model without buffers). The record holds the spec's buffers packed
+    (:func:`fl_compams.buffers.pack`: one float32 and one int64 vector, each of its length; headers checked before
+    anything is read); the values must pass :func:`fl_compams.buffers.check` (finite, variances and counters
+    >= 0). Returns them by name.
+    """
+    record = content[protocol.BUFFERS] if protocol.BUFFERS in content else None
+    if not expected:
+        if record is not None:
+            raise PayloadError(
+                f"reply carries a {protocol.BUFFERS!r} record, but none is expected (buffers = 'local', a skip, "
+                "or a model without buffers)"
+            )
+        return None
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(
+            f"reply has no {protocol.BUFFERS!r} ArrayRecord with the model's buffers (buffers = 'average'); got "
+            f"records {quote_names(content.keys())}"
+        )
+    shapes = buffers.packed_shapes(spec)
+    if set(record.keys()) != set(shapes):
+        raise PayloadError(
+            f"buffers must be the vectors {quote_names(shapes)} of the model's buffers, got "
+            f"{quote_names(record.keys())}"
+        )
+    packed = {
+        dtype: torch.from_numpy(_numpy_array(record[dtype], f"buffers {dtype!r}", shape, dtype).copy())
+        for dtype, shape in shapes.items()
+    }
+    tensors = buffers.unpack(spec, packed)
+    buffers.check(spec, tensors)
+    return tensors
+
+
+#: numpy's little-endian codes of the dtypes arrays from clients may have.
+_NPY_DTYPES = {"float32": "<f4", "int64": "<i8"}
+
+
 def _float32_array(array: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The values of a Flower ``Array`` that must be a finite float32 numpy array of ``shape``.
+    """The values of a Flower ``Array`` that must be a finite float32 numpy array of ``shape``."""
+    values = _numpy_array(array, what, shape, "float32")
+    if not np.isfinite(values).all():
+        raise PayloadError(f"{what} has non-finite values")
+    return values
+
+
+def _numpy_array(array: Any, what: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The values of a Flower ``Array`` that must be a numpy array of ``shape`` and ``dtype`` (float32, int64).
 
     The ``.npy`` header inside the bytes is parsed and compared before anything is allocated; the values are
     then a view of the bytes (``np.load`` would allocate whatever shape the header claims).
     """
     if not isinstance(array, Array) or array.stype != "numpy.ndarray":
         raise PayloadError(f"{what} must be a numpy Array, got {_show(getattr(array, 'stype', array))}")
-    if array.dtype != "float32" or tuple(array.shape) != shape:
+    if array.dtype != dtype or tuple(array.shape) != shape:
         raise PayloadError(
-            f"{what} must be float32 of shape {shape}, got {_show(array.dtype)} of shape {_show(array.shape)}"
+            f"{what} must be {dtype} of shape {shape}, got {_show(array.dtype)} of shape {_show(array.shape)}"
         )
+    code = np.dtype(_NPY_DTYPES[dtype])
     buf = io.BytesIO(array.data)
     try:
         version = np.lib.format.read_magic(buf)
@@ -297,20 +353,19 @@ def _float32_array(array: Any, what: str, shape: tuple[int, ...]) -> np.ndarray:
             (1, 0): np.lib.format.read_array_header_1_0,
             (2, 0): np.lib.format.read_array_header_2_0,
         }
-        header_shape, fortran, dtype = read_header[version](buf)
+        header_shape, fortran, header_dtype = read_header[version](buf)
     except Exception as err:  # numpy tokenizes and literal_evals the header: any of several error types
         raise PayloadError(f"{what}: malformed .npy data ({type(err).__name__}: {err})") from None
     count = math.prod(shape)
-    if header_shape != shape or dtype != np.dtype("<f4") or fortran:
+    if header_shape != shape or header_dtype != code or fortran:
         raise PayloadError(
-            f"{what}: .npy header says {dtype} of shape {header_shape}, expected <f4 of shape {shape}"
+            f"{what}: .npy header says {header_dtype} of shape {header_shape}, expected {code.str} of shape {shape}"
         )
-    if len(array.data) - buf.tell() != 4 * count:
-        raise PayloadError(f"{what}: {len(array.data) - buf.tell()} data bytes, expected {4 * count}")
-    values = np.frombuffer(array.data, dtype="<f4", count=count, offset=buf.tell()).reshape(shape)
-    if not np.isfinite(values).all():
-        raise PayloadError(f"{what} has non-finite values")
-    return values
+    if len(array.data) - buf.tell() != code.itemsize * count:
+        raise PayloadError(
+            f"{what}: {len(array.data) - buf.tell()} data bytes, expected {code.itemsize * count}"
+        )
+    return np.frombuffer(array.data, dtype=code, count=count, offset=buf.tell()).reshape(shape)
 
 
 def node_claim(content: RecordDict) -> tuple[int, str]:

@@ -1,12 +1,16 @@
 """Small models for the simulations, built by name.
 
 All models map ``N x *input_shape`` float inputs (``N x C x H x W`` images, ``N x C x L`` 1-D signals) to
-``N x num_classes`` logits. None has BatchNorm or any other buffer: every tensor in the state dict is a trainable
-parameter, so the flat vector the core compresses is the whole model (design.md section 3).
+``N x num_classes`` logits. Only ``resnet18`` and ``digits-bn-cnn`` have buffers (BatchNorm running statistics):
+in every other model each tensor in the state dict is a trainable parameter, so the flat vector the core
+compresses is the whole model (design.md section 3); buffers travel beside it (:mod:`fl_compams.buffers`).
 
 ``digits-cnn``
     Two 3x3 same-padding convolutions, 2x2 max-pool, dropout, two linear layers; sized for 1x8x8 digits
     (about 151k parameters) and adapting to any ``C x H x W`` with ``H, W >= 2``.
+``digits-bn-cnn``
+    ``digits-cnn`` with a BatchNorm after each convolution (151,498 parameters and 194 buffer values on 1x8x8
+    digits): the quick model with buffers, for tests and smoke runs of ``buffers = "average" | "local"``.
 ``mnist1d-cnn``
     The 1-D CNN of the MNIST-1D benchmarks (Greydanus 2020, ``ConvBase`` in the mnist1d repository's
     ``notebooks/models.py``): three stride-2 convolutions with 25 channels and ReLU, then one linear layer.
@@ -26,6 +30,11 @@ parameter, so the flat vector the core compresses is the whole model (design.md 
     and dropout 0.5 after the max-pooled convolutional block. Needs 28x28 images.
 ``cifar-cnn``
     The paper's "larger CNN with 3 convolutional layers" for CIFAR-10. Needs 32x32 images.
+``resnet18``
+    torchvision's ResNet-18 (He et al., CVPR 2016) with the usual CIFAR stem (a 3x3 stride-1 first convolution
+    and no max-pool, as in kuangliu/pytorch-cifar and the federated CIFAR-10 studies that use it):
+    11,173,962 parameters and 9,620 buffer values (20 BatchNorm layers) for 10 classes on 3x32x32 images.
+    Adapts to any ``C x H x W`` with ``H, W >= 8`` (three stride-2 stages, then adaptive average pooling).
 ``logreg``
     Multinomial logistic regression (flatten + one linear layer) on any input shape: a convex model for exact
     tests.
@@ -86,6 +95,20 @@ def _digits_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
         nn.Linear(64 * (h // 2) * (w // 2), 128),
         nn.ReLU(),
         nn.Linear(128, num_classes),
+    )
+
+
+def _digits_bn_cnn(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build the digits CNN with BatchNorm after each convolution (a small model with buffers)."""
+    plain = _digits_cnn(num_classes, input_shape)
+    conv1, conv2 = plain[0], plain[2]
+    return nn.Sequential(
+        conv1,
+        nn.BatchNorm2d(conv1.out_channels),
+        nn.ReLU(),
+        conv2,
+        nn.BatchNorm2d(conv2.out_channels),
+        *plain[3:],
     )
 
 
@@ -235,6 +258,29 @@ def _transformer(num_classes: int, input_shape: Shape) -> nn.Module:
     return _PatchTransformer(num_classes, input_shape)
 
 
+def _resnet18(num_classes: int, input_shape: Shape) -> nn.Module:
+    """Build torchvision's ResNet-18 with the CIFAR stem: conv1 = 3x3, stride 1, padding 1, no bias; no max-pool.
+
+    The replaced first convolution is initialised as torchvision initialises its convolutions (Kaiming normal,
+    fan-out, ReLU), so the whole model follows one scheme; BatchNorm starts at weight 1, bias 0, running mean 0,
+    running variance 1.
+    """
+    from torchvision.models import resnet18  # torchvision imports take ~1 s: only when this model is built
+
+    _require_rank("resnet18", input_shape, 3, "(C, H, W), e.g. (3, 32, 32) for CIFAR-10")
+    c, h, w = input_shape
+    if h < 8 or w < 8:
+        raise ValueError(
+            f"Model 'resnet18' needs images of at least 8x8 (three stride-2 stages), got input_shape "
+            f"{tuple(input_shape)}."
+        )
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
 def _logreg(num_classes: int, input_shape: Shape) -> nn.Module:
     """Build multinomial logistic regression: flatten, then one linear layer to the logits."""
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
@@ -243,11 +289,13 @@ def _logreg(num_classes: int, input_shape: Shape) -> nn.Module:
 # The only name -> model map. A builder takes (num_classes, input_shape).
 _MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
     "digits-cnn": _digits_cnn,
+    "digits-bn-cnn": _digits_bn_cnn,
     "mnist1d-cnn": _mnist1d_cnn,
     "mnist1d-mlp": _mnist1d_mlp,
     "transformer": _transformer,
     "mnist-cnn": _mnist_cnn,
     "cifar-cnn": _cifar_cnn,
+    "resnet18": _resnet18,
     "logreg": _logreg,
 }
 
@@ -298,8 +346,8 @@ def build_model(name: str, num_classes: int, input_shape: Shape, *, seed: int | 
     Parameters
     ----------
     name : str
-        One of :func:`available_models`: ``"digits-cnn"``, ``"mnist1d-cnn"``, ``"mnist1d-mlp"``,
-        ``"transformer"``, ``"mnist-cnn"``, ``"cifar-cnn"``, ``"logreg"``.
+        One of :func:`available_models`: ``"digits-cnn"``, ``"digits-bn-cnn"``, ``"mnist1d-cnn"``, ``"mnist1d-mlp"``,
+        ``"transformer"``, ``"mnist-cnn"``, ``"cifar-cnn"``, ``"resnet18"``, ``"logreg"``.
     num_classes : int
         Number of output logits (``>= 2``).
     input_shape : tuple of int
@@ -313,7 +361,8 @@ def build_model(name: str, num_classes: int, input_shape: Shape, *, seed: int | 
     Returns
     -------
     torch.nn.Module
-        A freshly initialised model on the CPU, in training mode, without buffers.
+        A freshly initialised model on the CPU, in training mode (only ``"resnet18"`` and ``"digits-bn-cnn"``
+        have buffers).
 
     Raises
     ------

@@ -35,3 +35,19 @@ def test_every_case_runs_and_reports_a_ratio(monkeypatch):
     for label in bench.compressors_for(20_000):
         assert {(label, op) for op in bench.OPS} <= ops
     assert all(r["ratio"] > 0 for r in rows)
+
+
+def test_resnet_round_benchmark_runs_on_a_small_model_with_buffers(capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_resnet.py"
+    spec_resnet = importlib.util.spec_from_file_location("bench_resnet", path)
+    module = importlib.util.module_from_spec(spec_resnet)
+    spec_resnet.loader.exec_module(module)
+    assert (
+        module.main(["--model", "digits-bn-cnn", "--repeats", "1", "--clients", "2", "--batch-size", "8"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "| client fwd+bwd (one minibatch) |" in out and "Load during the run" in out
+    # every compressor's row: the buffers record holds at least the 194 buffer values' bytes
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| topk", "| blocksign"))]
+    assert len(rows) == 2 and all(int(r[3].replace(",", "")) >= 4 * 192 + 8 * 2 for r in rows)

@@ -138,7 +138,7 @@ def test_checkpoints_before_version_3_resume_with_an_empty_history(tmp_path):
     path = save_checkpoint(tmp_path, state)
     body = path.read_bytes()[:-32]
     magic, version, head_len = struct.unpack_from("<8sHI", body)
-    assert version == 4  # the layout of versions 3 and 4 without LAQ state is the same
+    assert version == 5  # the layout of versions 3 to 5 without LAQ state or buffers is the same
     header = json.loads(body[14 : 14 + head_len])
     del header["recent_norms"]  # the layout of version 2
     head = json.dumps(header).encode()

@@ -1,4 +1,4 @@
-"""Tests for tasks.models: shapes, sizes, no buffers, seeded initialisation."""
+"""Tests for tasks.models: shapes, sizes, buffers (only ResNet-18 has any), seeded initialisation."""
 
 import pytest
 import torch
@@ -8,20 +8,24 @@ from tasks.models import available_models, build_model, count_parameters, defaul
 
 NATIVE_SHAPES = {
     "digits-cnn": (1, 8, 8),
+    "digits-bn-cnn": (1, 8, 8),
     "mnist1d-cnn": (1, 40),
     "mnist1d-mlp": (1, 40),
     "transformer": (1, 40),
     "mnist-cnn": (1, 28, 28),
     "cifar-cnn": (3, 32, 32),
+    "resnet18": (3, 32, 32),
     "logreg": (1, 8, 8),
 }
+#: Models with BatchNorm buffers (fl_compams.buffers carries them).
+WITH_BUFFERS = {"resnet18", "digits-bn-cnn"}
 
 
 def test_every_model_has_a_native_shape_here():
     assert set(available_models()) == set(NATIVE_SHAPES)
 
 
-@pytest.mark.parametrize("name", sorted(NATIVE_SHAPES))
+@pytest.mark.parametrize("name", sorted(set(NATIVE_SHAPES) - {"resnet18"}))  # ResNet-18: its own test
 @pytest.mark.parametrize("num_classes", [10, 7])
 def test_forward_gives_batch_by_classes(name, num_classes):
     shape = NATIVE_SHAPES[name]
@@ -31,7 +35,7 @@ def test_forward_gives_batch_by_classes(name, num_classes):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", sorted(NATIVE_SHAPES))
+@pytest.mark.parametrize("name", sorted(set(NATIVE_SHAPES) - WITH_BUFFERS))
 def test_models_have_no_buffers_and_no_batchnorm(name):
     model = build_model(name, 10, NATIVE_SHAPES[name])
     assert list(model.buffers()) == []
@@ -54,6 +58,43 @@ def test_parameter_counts():
     assert count_parameters(build_model("mnist1d-mlp", 10, (1, 40))) == 78_858
     # patch embedding 4 -> 32 (160) + positions 10 x 32 (320) + 2 layers x 8,544 + norm (64) + head (330)
     assert count_parameters(build_model("transformer", 10, (1, 40))) == 17_962
+
+
+def test_resnet18_is_torchvisions_with_the_cifar_stem_and_batchnorm_buffers():
+    model = build_model("resnet18", 10, (3, 32, 32), seed=0)
+    assert count_parameters(model) == 11_173_962
+    conv1 = model.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
+    assert isinstance(model.maxpool, nn.Identity) and model.fc.out_features == 10
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 20 and sum(m.num_features for m in bns) == 4_800
+    buffers = dict(model.named_buffers())
+    assert (
+        sum(b.numel() for b in buffers.values()) == 2 * 4_800 + 20
+    )  # running mean and var, one counter each
+    assert {b.dtype for n, b in buffers.items() if n.endswith("num_batches_tracked")} == {torch.int64}
+    # the stem keeps 32x32 through layer1 (no stride, no max-pool): layer4 works on 4x4
+    seen = []
+    model.layer4.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)) and None)
+    out = model.eval()(torch.zeros(1, 3, 32, 32))
+    assert seen == [(1, 512, 4, 4)] and out.shape == (1, 10)
+
+
+def test_digits_bn_cnn_is_digits_cnn_with_batchnorm():
+    model = build_model("digits-bn-cnn", 10, (1, 8, 8), seed=0)
+    assert count_parameters(model) == 151_306 + 2 * (32 + 64)
+    assert sum(b.numel() for b in model.buffers()) == 2 * (32 + 64) + 2
+    assert [type(m).__name__ for m in model][:5] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+
+
+def test_resnet18_seeded_init_repeats_and_replaced_stem_follows_the_seed():
+    a = build_model("resnet18", 10, (3, 32, 32), seed=5).state_dict()
+    b = build_model("resnet18", 10, (3, 32, 32), seed=5).state_dict()
+    c = build_model("resnet18", 10, (3, 32, 32), seed=6).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+    with pytest.raises(ValueError, match="8x8"):
+        build_model("resnet18", 10, (3, 4, 4))
 
 
 def test_shapes_adapt_where_meaningful():
