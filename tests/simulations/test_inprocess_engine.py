@@ -156,6 +156,12 @@ def test_cli_passes_the_engine_on(tmp_path, monkeypatch):
 CONFIGS = {
     "comp-ams-topk": {"num-server-rounds": 4},
     "block-sign-sampled": {"num-server-rounds": 5, "compressor": "blocksign", "fraction-train": 0.67},
+    "two-way-topk": {
+        "num-server-rounds": 5,
+        "downlink-compressor": "topk",
+        "fraction-train": 0.67,
+        "downlink-log": 2,
+    },
 }
 
 
