@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import cpu_times, machine_info
 
-from simulations.runner import ENGINES, run_experiment
+from simulations.runner import run_experiment
 from strategies.results import read_metrics
 
 SETTINGS = {
@@ -32,12 +32,20 @@ SETTINGS = {
 }
 
 
-def measure(setting: str, engine: str, rounds: int, clients: int, out: Path) -> tuple[dict, list[dict]]:
+def variants(clients: int) -> list[tuple[str, str, int | None]]:
+    """(label, engine, in-process workers): Ray; in-process with the clients here; with one worker per core."""
+    cores = min(clients, len(os.sched_getaffinity(0)))
+    out = [("ray", "ray", None), ("inprocess, workers 0", "inprocess", 0)]
+    return out + ([(f"inprocess, workers {cores}", "inprocess", cores)] if cores > 1 else [])
+
+
+def measure(setting: str, engine: str, workers: int | None, rounds: int, clients: int, out: Path):
     """One run: its timings and its rows without wall_s."""
-    overrides = {**SETTINGS[setting], "num-server-rounds": rounds, "out-dir": str(out), "run-name": engine}
+    name = f"{engine}-{workers}"
+    overrides = {**SETTINGS[setting], "num-server-rounds": rounds, "out-dir": str(out), "run-name": name}
     busy0, own0 = cpu_times()
     started = time.perf_counter()
-    path = run_experiment(overrides, num_supernodes=clients, engine=engine)
+    path = run_experiment(overrides, num_supernodes=clients, engine=engine, workers=workers)
     total = time.perf_counter() - started
     busy1, own1 = cpu_times()
     rows = read_metrics(path)
@@ -80,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for setting in settings:
             reference = None
-            for engine in ENGINES:
-                timing, rows = measure(setting, engine, args.rounds, args.clients, Path(tmp) / setting)
+            for label, engine, workers in variants(args.clients):
+                timing, rows = measure(
+                    setting, engine, workers, args.rounds, args.clients, Path(tmp) / setting
+                )
                 reference = rows if reference is None else reference
                 print(
-                    f"| {setting} | {engine} | {timing['per_round']:.3f} | {timing['first_round']:.2f} | "
+                    f"| {setting} | {label} | {timing['per_round']:.3f} | {timing['first_round']:.2f} | "
                     f"{timing['total']:.1f} | {rows == reference} | {timing['own']:.2f} | {timing['other']:.2f} |",
                     flush=True,
                 )

@@ -6,7 +6,7 @@ experiment; the slow test runs the same configurations on Ray and in-process and
 
 from __future__ import annotations
 
-import json
+import os
 
 import numpy as np
 import pytest
@@ -35,6 +35,8 @@ def _count(msg: Message, context: Context) -> Message:
     msg.content["arrays"]["w"] = Array(np.zeros(3, dtype=np.float32))  # must not reach the server's message
     if msg.content["config"].get("fail", False):
         raise RuntimeError("told to fail")
+    if msg.content["config"].get("die", False):
+        os._exit(3)  # a worker process killed mid-round
     reply = RecordDict(
         {
             "info": ConfigRecord(
@@ -49,11 +51,11 @@ def _count(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _round(grid: InProcessGrid, fail: bool = False) -> tuple[list[Message], list[Message]]:
+def _round(grid: InProcessGrid, fail: bool = False, die: bool = False) -> tuple[list[Message], list[Message]]:
     content = RecordDict(
         {
             "arrays": ArrayRecord({"w": Array(np.arange(3, dtype=np.float32))}),
-            "config": ConfigRecord({"fail": fail}),
+            "config": ConfigRecord({"fail": fail, "die": die}),
         }
     )
     with grid.identity():
@@ -106,11 +108,33 @@ def test_a_raising_client_app_becomes_flowers_error_reply_and_its_state_is_not_k
     assert all(r.content["info"]["calls"] == 2 for r in replies)
 
 
+def test_worker_processes_hold_their_nodes_contexts_and_answer_as_flower_does():
+    with InProcessGrid(counting, 5, seed=3, workers=2) as grid:
+        assert list(grid.get_node_ids()) == list(InProcessGrid(counting, 5, seed=3).get_node_ids())
+        for rnd in (1, 2):
+            sent, replies = _round(grid)
+            assert len(replies) == 5
+            info = {r.metadata.src_node_id: dict(r.content["info"]) for r in replies}
+            assert sorted(i["partition"] for i in info.values()) == list(range(5))
+            assert all(i["calls"] == rnd for i in info.values())  # each node's context stays in its worker
+            assert {r.metadata.reply_to_message_id for r in replies} == {m.metadata.message_id for m in sent}
+            np.testing.assert_array_equal(sent[0].content["arrays"]["w"].numpy(), np.arange(3))
+        _, replies = _round(grid, fail=True)
+        assert all(r.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION for r in replies)
+        assert all(r.content["info"]["calls"] == 3 for r in _round(grid)[1])  # the failed call was not kept
+        with pytest.raises(RuntimeError, match=r"worker process \d ended unexpectedly"):
+            _round(grid, die=True)
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="num_nodes"):
         InProcessGrid(counting, 0)
     with pytest.raises(ValueError, match="client_threads"):
         InProcessGrid(counting, 2, client_threads=0)
+    with pytest.raises(ValueError, match="workers"):
+        InProcessGrid(counting, 2, workers=-1)
+    with pytest.raises(ValueError, match="workers applies to engine 'inprocess'"):
+        run_experiment({}, workers=2)
     with pytest.raises(ValueError, match="engine must be one of"):
         run_experiment({}, engine="warp")
     with pytest.raises(ValueError, match="no num_gpus"):
@@ -127,6 +151,7 @@ def test_failing_clients_are_counted_as_failures_in_process(tmp_path, monkeypatc
         num_supernodes=4,
         client_app=faulty_clients.app,
         engine="inprocess",
+        workers=0,  # the clients in this process (worker processes: the slow test)
     )
     rows = [r for r in read_metrics(path) if r["round"] > 0]
     assert len(rows) == 2
@@ -173,10 +198,11 @@ def _rows(path) -> list[dict]:
 class ForgetfulGrid(InProcessGrid):
     """A grid that loses every node's state after each call (as if contexts were not persisted)."""
 
-    def _deliver(self, message):
-        reply = super()._deliver(message)
-        self.contexts[message.metadata.dst_node_id].state = RecordDict()
-        return reply
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for context in self.nodes.contexts.values():
+            context.state = RecordDict()
+        return ids
 
 
 @pytest.mark.slow
@@ -184,20 +210,27 @@ class ForgetfulGrid(InProcessGrid):
 def test_inprocess_engine_reproduces_the_ray_path_round_for_round(tmp_path, monkeypatch, name):
     overrides = {"out-dir": str(tmp_path), **CONFIGS[name]}
     ray = run_experiment({**overrides, "run-name": "ray"}, num_supernodes=3, engine="ray")
-    inprocess = run_experiment({**overrides, "run-name": "inprocess"}, num_supernodes=3, engine="inprocess")
-    expected, got = _rows(ray), _rows(inprocess)
+    expected = _rows(ray)
     assert len(expected) == CONFIGS[name]["num-server-rounds"] + 1
-    for want, row in zip(expected, got, strict=True):
-        assert row == want  # accuracy, loss, bytes both ways, per-client rows: all of it
     assert expected[-1]["clients"] and expected[-1]["uplink_bytes_cum"] > 0
-    a, b = np.load(ray / "model.npz"), np.load(inprocess / "model.npz")
-    assert all(np.array_equal(a[k], b[k]) for k in a.files)
-    config = json.loads((inprocess / "config.json").read_text())
-    assert config["config"]["run-name"] == "inprocess"
+    a = np.load(ray / "model.npz")
+    for workers in (0, 2):  # clients in this process; in two worker processes
+        inprocess = run_experiment(
+            {**overrides, "run-name": f"inprocess-{workers}"},
+            num_supernodes=3,
+            engine="inprocess",
+            workers=workers,
+        )
+        for want, row in zip(expected, _rows(inprocess), strict=True):
+            assert row == want  # accuracy, loss, bytes both ways, per-client rows: all of it
+        b = np.load(inprocess / "model.npz")
+        assert all(np.array_equal(a[k], b[k]) for k in a.files)
     # the comparison is sharp: without persisted contexts (residuals lost) the rows differ from round 2 on
     monkeypatch.setattr("simulations.inprocess_grid.InProcessGrid", ForgetfulGrid)
     forgetful = _rows(
-        run_experiment({**overrides, "run-name": "forgetful"}, num_supernodes=3, engine="inprocess")
+        run_experiment(
+            {**overrides, "run-name": "forgetful"}, num_supernodes=3, engine="inprocess", workers=0
+        )
     )
     assert forgetful[1] == expected[1]
     assert forgetful[2:] != expected[2:]

@@ -107,6 +107,7 @@ def test_a_run_with_tensorboard_writes_every_row(tmp_path):
         {"out-dir": str(tmp_path), "run-name": "tb", "num-server-rounds": 2, "tensorboard": True},
         num_supernodes=2,
         engine="inprocess",
+        workers=0,
     )
     rows = read_metrics(path)
     got = scalars(path)
