@@ -121,15 +121,17 @@ def reproduce(
     rounds: Rounds = None,
     data_dir: DataDir = "",
     download: Download = False,
-    num_cpus: Annotated[float, typer.Option(help="Ray CPUs per client")] = 1.0,
+    num_cpus: Annotated[
+        float, typer.Option(help="CPUs per client (Ray; inprocess: its torch threads)")
+    ] = 1.0,
     num_gpus: Annotated[float, typer.Option(help="Ray GPUs per client")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="join a running Ray cluster")] = None,
     engine: Annotated[
         str,
         typer.Option(
             callback=_engine,
-            help="ray (Flower's simulation engine) or inprocess (the same apps in one process, no Ray: "
-            "same results, faster on few cores)",
+            help="ray (Flower's simulation engine) or inprocess (the same apps without Ray, in this process "
+            "and one worker process per num-cpus cores: the same results, no Ray start-up)",
         ),
     ] = "ray",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs without running them")] = False,

@@ -90,7 +90,10 @@ def encode(message: Message) -> bytes:
 
 
 def decode(frame: bytes) -> Message:
-    """The message of an :func:`encode` frame, inflated by Flower (which checks every object's id and type)."""
+    """The message of an :func:`encode` frame, inflated by Flower.
+
+    Flower checks that each object's children are those its head names; frames come from this module only.
+    """
     try:
         (size,) = struct.unpack_from("<I", frame)
         head = json.loads(frame[4 : 4 + size])
