@@ -134,6 +134,14 @@ def reproduce(
             "and one worker process per num-cpus cores: the same results, no Ray start-up)",
         ),
     ] = "ray",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="inprocess: client processes (0 = in this process; default: usable cores // num-cpus)",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs without running them")] = False,
 ) -> int:
     """Run a preset's missing runs (finished runs are skipped), then write its report."""
@@ -146,7 +154,11 @@ def reproduce(
         return 0
     if engine == "inprocess" and (num_gpus or ray_address):
         raise UserError("--engine inprocess runs on this machine's CPUs: drop --num-gpus and --ray-address")
-    _run_all(todo, num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, engine=engine)
+    if engine == "ray" and workers is not None:
+        raise UserError("--workers applies to --engine inprocess")
+    _run_all(
+        todo, num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, engine=engine, workers=workers
+    )
     return _write(preset, runs, out, dataset)
 
 
@@ -176,7 +188,9 @@ def _write(preset: str, runs: Path, out: Path, dataset: str) -> int:
     return 0
 
 
-def _run_all(todo, *, num_cpus: float, num_gpus: float, ray_address: str | None, engine: str = "ray") -> None:
+def _run_all(
+    todo, *, num_cpus: float, num_gpus: float, ray_address: str | None, engine: str = "ray", workers=None
+) -> None:
     from tqdm import tqdm
 
     from simulations.runner import run_experiment
@@ -194,6 +208,7 @@ def _run_all(todo, *, num_cpus: float, num_gpus: float, ray_address: str | None,
             num_gpus=num_gpus,
             ray_address=ray_address,
             engine=engine,
+            **({} if workers is None else {"workers": workers}),
             on_round=lambda row, bar=bar: bar.update(1) if row["round"] > 0 else None,
         )
         bar.close()

@@ -162,11 +162,11 @@ def test_failing_clients_are_counted_as_failures_in_process(tmp_path, monkeypatc
         assert "partition-1" in row["failures"]
 
 
-def test_cli_passes_the_engine_on(tmp_path, monkeypatch):
+def test_cli_passes_the_engine_on(tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_run(overrides, **kwargs):
-        calls.append(kwargs["engine"])
+        calls.append(kwargs["engine"] + (f"/{kwargs['workers']}" if "workers" in kwargs else ""))
 
     monkeypatch.setattr("simulations.runner.run_experiment", fake_run)
     monkeypatch.setattr(cli, "_write", lambda *a: 0)
@@ -175,6 +175,12 @@ def test_cli_passes_the_engine_on(tmp_path, monkeypatch):
     assert calls == ["inprocess"] * 4
     assert cli.main(args) == 0
     assert calls[4:] == ["ray"] * 4
+    assert cli.main([*args, "--engine", "inprocess", "--workers", "0"]) == 0
+    assert calls[8:] == ["inprocess/0"] * 4
+    assert cli.main([*args, "--workers", "2"]) == 2  # Ray sizes its own pool: a usage error
+    assert cli.main([*args, "--engine", "warp"]) == 2
+    assert "unknown engine 'warp'; available: ray, inprocess" in capsys.readouterr().err
+    assert calls[12:] == []
 
 
 # ---------------------------------------------------------------------------------------------- Ray vs in-process
