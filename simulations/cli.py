@@ -131,7 +131,7 @@ def reproduce(
         typer.Option(
             callback=_engine,
             help="ray (Flower's simulation engine) or inprocess (the same apps without Ray, in this process "
-            "and one worker process per num-cpus cores: the same results, no Ray start-up)",
+            "or --workers processes: the same results, no Ray start-up)",
         ),
     ] = "ray",
     workers: Annotated[
@@ -139,7 +139,7 @@ def reproduce(
         typer.Option(
             min=0,
             show_default=False,
-            help="inprocess: client processes (0 = in this process; default: usable cores // num-cpus)",
+            help="inprocess: client processes running clients in parallel (default 0: all in this process)",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs without running them")] = False,

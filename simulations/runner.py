@@ -73,8 +73,9 @@ def run_experiment(
         Ray's start-up, actors' memory and polling. Clients run with ``int(num_cpus)`` torch threads each. It
         takes no GPUs and no Ray cluster.
     workers
-        ``engine="inprocess"`` only: client processes (0 = clients one after another in this process). Default:
-        as many as Ray would run actors (usable cores // num_cpus, at most ``num_supernodes``), 0 if that is 1.
+        ``engine="inprocess"`` only: client processes (fresh interpreters; node i in worker i mod workers), as
+        Ray's actor pool runs clients in parallel. Default 0: every client in this process, one after another
+        (no start-up; on a shared 2-core machine the faster choice, see benchmarks/bench_engines.py).
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -95,10 +96,7 @@ def run_experiment(
     config = cfg.to_flat()
     if engine == "inprocess":
         threads = max(1, int(num_cpus))
-        if workers is None:
-            workers = min(num_supernodes, len(os.sched_getaffinity(0)) // threads)
-            workers = workers if workers > 1 else 0
-        return _run_inprocess(cfg, client_app, num_supernodes, threads, workers, on_round, verbose)
+        return _run_inprocess(cfg, client_app, num_supernodes, threads, workers or 0, on_round, verbose)
     outcome: dict[str, Path] = {}
     server_app = ServerApp()
 
