@@ -272,6 +272,14 @@ _REST: tuple[Key, ...] = (
         "results root; empty = runs/ under the directory flwr run was started from",
         _S,
     ),
+    # --- TensorBoard (strategies.results)
+    key(
+        "tensorboard",
+        False,
+        BOOL,
+        "also write every round's metrics as TensorBoard scalars in the run directory (tensorboard --logdir runs/)",
+        _S,
+    ),
 )
 
 
@@ -456,6 +464,7 @@ class OutputConfig:
     resume: bool
     run_name: str
     out_dir: str
+    tensorboard: bool
 
 
 @dataclass(frozen=True)

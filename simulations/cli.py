@@ -2,6 +2,7 @@
 
     fl-compams list
     fl-compams reproduce accuracy-vs-bits [--seeds 0,1,2] [--dataset mnist --data-dir DIR --download]
+    fl-compams reproduce accuracy-vs-bits --engine inprocess   # the same runs without Ray
     fl-compams report accuracy-vs-bits
 
 Runs go to ``--runs`` (default ``runs/sweeps``, not committed); tables, plots and a compact ``summary.json`` go to
@@ -52,6 +53,14 @@ def _seeds(text: str | None) -> list[int] | None:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"takes comma-separated integers, got {text!r}") from None
+
+
+def _engine(name: str) -> str:
+    from simulations.runner import ENGINES
+
+    if name not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+    return name
 
 
 app = new_app(
@@ -114,9 +123,27 @@ def reproduce(
     rounds: Rounds = None,
     data_dir: DataDir = "",
     download: Download = False,
-    num_cpus: Annotated[float, typer.Option(help="Ray CPUs per client")] = 1.0,
+    num_cpus: Annotated[
+        float, typer.Option(help="CPUs per client (Ray; inprocess: its torch threads)")
+    ] = 1.0,
     num_gpus: Annotated[float, typer.Option(help="Ray GPUs per client")] = 0.0,
     ray_address: Annotated[str | None, typer.Option(help="join a running Ray cluster")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            callback=_engine,
+            help="ray (Flower's simulation engine) or inprocess (the same apps without Ray, in this process "
+            "or --workers processes: the same results, no Ray start-up)",
+        ),
+    ] = "ray",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            show_default=False,
+            help="inprocess: client processes running clients in parallel (default 0: all in this process)",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the runs without running them")] = False,
 ) -> int:
     """Run a preset's missing runs (finished runs are skipped), then write its report."""
@@ -127,7 +154,13 @@ def reproduce(
         for r in todo:
             print(f"  {r.key} seed {r.seed}: {r.num_supernodes} clients, {r.rounds} rounds -> {r.run_dir}")
         return 0
-    _run_all(todo, num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address)
+    if engine == "inprocess" and (num_gpus or ray_address):
+        raise UserError("--engine inprocess runs on this machine's CPUs: drop --num-gpus and --ray-address")
+    if engine == "ray" and workers is not None:
+        raise UserError("--workers applies to --engine inprocess")
+    _run_all(
+        todo, num_cpus=num_cpus, num_gpus=num_gpus, ray_address=ray_address, engine=engine, workers=workers
+    )
     return _write(preset, runs, out, dataset)
 
 
@@ -157,7 +190,9 @@ def _write(preset: str, runs: Path, out: Path, dataset: str) -> int:
     return 0
 
 
-def _run_all(todo, *, num_cpus: float, num_gpus: float, ray_address: str | None) -> None:
+def _run_all(
+    todo, *, num_cpus: float, num_gpus: float, ray_address: str | None, engine: str = "ray", workers=None
+) -> None:
     from tqdm import tqdm
 
     from simulations.runner import run_experiment
@@ -174,6 +209,8 @@ def _run_all(todo, *, num_cpus: float, num_gpus: float, ray_address: str | None)
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             ray_address=ray_address,
+            engine=engine,
+            **({} if workers is None else {"workers": workers}),
             on_round=lambda row, bar=bar: bar.update(1) if row["round"] > 0 else None,
         )
         bar.close()

@@ -46,6 +46,7 @@ def run_experiment(
     client_app=None,
     on_round=None,
     engine: str = "ray",
+    workers: int | None = None,
 ) -> Path:
     """Run one experiment in-process and return its results directory.
 
@@ -68,9 +69,13 @@ def run_experiment(
     engine
         ``"ray"``: Flower's simulation engine on Ray. ``"inprocess"``: the same ServerApp code
         (:func:`strategies.server_app.run_server`) and ClientApp on :class:`simulations.inprocess_grid.InProcessGrid`,
-        one process, clients one after another with ``int(num_cpus)`` torch threads; the same results round for
-        round (tests/simulations/test_inprocess_engine.py), without Ray's start-up and polling. It takes no GPUs
-        and no Ray cluster.
+        without Ray: the same results round for round (tests/simulations/test_inprocess_engine.py), without
+        Ray's start-up, actors' memory and polling. Clients run with ``int(num_cpus)`` torch threads each. It
+        takes no GPUs and no Ray cluster.
+    workers
+        ``engine="inprocess"`` only: client processes (fresh interpreters; node i in worker i mod workers), as
+        Ray's actor pool runs clients in parallel. Default 0: every client in this process, one after another
+        (no start-up; on a shared 2-core machine the faster choice, see benchmarks/bench_engines.py).
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -81,6 +86,8 @@ def run_experiment(
 
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "ray" and workers is not None:
+        raise ValueError("workers applies to engine 'inprocess' (Ray sizes its actor pool from num_cpus)")
     if engine == "inprocess" and (num_gpus or ray_address):
         raise ValueError(
             "engine 'inprocess' runs on this process's CPUs: it takes no num_gpus or ray_address"
@@ -88,7 +95,8 @@ def run_experiment(
     cfg = parse_config(overrides)  # fail fast, before Ray starts
     config = cfg.to_flat()
     if engine == "inprocess":
-        return _run_inprocess(cfg, client_app, num_supernodes, max(1, int(num_cpus)), on_round, verbose)
+        threads = max(1, int(num_cpus))
+        return _run_inprocess(cfg, client_app, num_supernodes, threads, workers or 0, on_round, verbose)
     outcome: dict[str, Path] = {}
     server_app = ServerApp()
 
@@ -129,7 +137,13 @@ def virtual_node_config(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def _run_inprocess(
-    cfg: ExperimentConfig, client_app, num_supernodes: int, threads: int, on_round, verbose: bool
+    cfg: ExperimentConfig,
+    client_app,
+    num_supernodes: int,
+    threads: int,
+    workers: int,
+    on_round,
+    verbose: bool,
 ) -> Path:
     """``run_server`` on an :class:`~simulations.inprocess_grid.InProcessGrid` of wrapped ClientApps."""
     from clients.client_app import app as default_client_app
@@ -141,8 +155,10 @@ def _run_inprocess(
         logging.getLogger("flwr").setLevel(logging.ERROR)
     config = cfg.to_flat()
     app = WithContext(client_app or default_client_app, config, virtual_node_config(cfg))
-    grid = InProcessGrid(app, num_supernodes, seed=cfg.seed, client_threads=threads)
-    with grid.identity():
+    with (
+        InProcessGrid(app, num_supernodes, seed=cfg.seed, client_threads=threads, workers=workers) as grid,
+        grid.identity(),
+    ):
         return run_server(grid, config, on_round=on_round)
 
 

@@ -94,7 +94,9 @@ def run_server(
     done = 0
     if cfg.output.resume:
         state, totals, done = _resume(run_dir, cfg, spec, device, state, totals)
-    results = ResultsDir(run_dir, keep_rounds_upto=done if cfg.output.resume else None)
+    results = ResultsDir(
+        run_dir, keep_rounds_upto=done if cfg.output.resume else None, tensorboard=cfg.output.tensorboard
+    )
     strategy = CompAMS(cfg, spec, algorithm, state, names=names, round_offset=done)
     run_grid = StableOrderGrid(grid, labels)
     traffic = strategy.traffic
@@ -247,7 +249,14 @@ def flower_baseline(cfg):
 
 
 #: Keys that may differ between a run and its resumption (everything else must match the checkpoint).
-_RESUMABLE = {"num-server-rounds", "resume", "round-timeout", "checkpoint-every", "probe-every"}
+_RESUMABLE = {
+    "num-server-rounds",
+    "resume",
+    "round-timeout",
+    "checkpoint-every",
+    "probe-every",
+    "tensorboard",
+}
 
 
 def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):

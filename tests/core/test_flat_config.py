@@ -130,4 +130,5 @@ def test_client_keys_are_derived_from_the_schema():
         "update-norm-action", "probe-every", "checkpoint-every", "resume", "run-name",
         "out-dir", "downlink-compressor", "downlink-ratio", "downlink-log",
         "laq-xi", "laq-history", "laq-expire-rounds",
+        "tensorboard",
     }  # fmt: skip
