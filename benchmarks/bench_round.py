@@ -141,11 +141,14 @@ class TimedClientApp(_import_client_app()):
         """Run the wrapped app, then attach this call's timings (process, wall-clock span, components)."""
         from flwr.app import ConfigRecord, MessageType
 
-        from clients import node_cache
+        try:
+            from clients import node_cache
+        except ImportError:  # a tree from before the cache (a before/after comparison): "off"
+            node_cache = None
 
         _patch_client_modules()
         flag = os.environ.get(NO_CACHE_FLAG_ENV)
-        if flag and hasattr(node_cache, "enabled"):  # --cache both: the driver switches it between runs
+        if flag and node_cache is not None:  # --cache both: the driver switches it between runs
             node_cache.enabled = not os.path.exists(flag)
         _current.clear()
         start, t0 = time.time(), time.perf_counter()
@@ -169,11 +172,59 @@ class TimedClientApp(_import_client_app()):
 
 
 # ------------------------------------------------------------------------------------------- server side
+#: (module, attribute path) -> part of the server's work. Nested timed calls (CompAMS.configure_train calls
+#: FedAvg's) count once, in the outermost.
+SERVER_TIMERS: dict[tuple[str, str], str] = {
+    ("flwr.serverapp.strategy", "FedAvg.configure_train"): "configure",
+    ("strategies.comp_ams", "CompAMS.configure_train"): "configure",
+    ("flwr.serverapp.strategy", "FedAvg.aggregate_train"): "aggregate",
+    ("strategies.comp_ams", "CompAMS.aggregate_train"): "aggregate",
+    ("strategies.server_app", "evaluate"): "evaluate",
+}
+SERVER_PARTS = ("configure", "aggregate", "evaluate")
+_server: dict[str, float] = {}
+_depth: dict[str, int] = {}
+
+
+def _server_timed(fn: Callable, part: str) -> Callable:
+    def timed(*args, **kwargs):
+        _depth[part] = _depth.get(part, 0) + 1
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _depth[part] -= 1
+            if not _depth[part]:
+                _server[part] = _server.get(part, 0.0) + time.perf_counter() - t0
+
+    return timed
+
+
+def _patch_server() -> Callable[[], None]:
+    """Wrap the server's functions with timers; returns the function that restores them."""
+    undo = []
+    for (module_name, path), part in SERVER_TIMERS.items():
+        owner = importlib.import_module(module_name)
+        *outer, name = path.split(".")
+        for attr in outer:
+            owner = getattr(owner, attr)
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        setattr(owner, name, _server_timed(original, part))
+        undo.append((owner, name, original))
+
+    def restore() -> None:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+
+    return restore
+
+
 class TimingGrid:
     """A view of the ServerApp's grid that times each ``send_and_receive`` of training messages.
 
     It removes the timing record from every reply before handing them on, so the strategy measures and
-    validates exactly the replies of an untimed run.
+    validates exactly the replies of an untimed run. Each round's record also holds the server's timed parts
+    (:data:`SERVER_TIMERS`) from its ``send_and_receive`` to the next one's.
     """
 
     def __init__(self, grid) -> None:
@@ -187,6 +238,9 @@ class TimingGrid:
         messages = list(messages)
         if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
             return self._grid.send_and_receive(messages, timeout=timeout)
+        if self.rounds:  # the previous round's aggregation, evaluation and this round's instructions
+            self.rounds[-1]["server"] = dict(_server)
+        _server.clear()
         start = time.time()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         end = time.time()
@@ -205,43 +259,48 @@ class TimingGrid:
 def breakdown(rounds: Sequence[Mapping]) -> list[dict[str, float]]:
     """Per-round components (seconds) of one run's timed rounds, without its first and last round.
 
-    ``wall`` = from this round's ``send_and_receive`` to the next one's; ``server`` = ``wall`` minus the time in
-    ``send_and_receive``; the client parts are those of the busiest worker process (largest summed handler
-    time) in this round, ``other`` the rest of its handler time; ``transport`` = time in ``send_and_receive``
-    minus that worker's handler time, with ``dispatch`` (push to the first client's start) and ``collect``
-    (last client's end to the replies' return) among it. Per-call ``setup_share`` = set-up / handler time.
+    ``wall`` = from this round's ``send_and_receive`` to the next one's = ``server`` (outside
+    ``send_and_receive``: ``configure``, ``aggregate``, ``evaluate`` and ``server_other``) + ``exchange`` (in it).
+    The exchange is cut along the busiest worker process (the largest summed handler time this round):
+    ``dispatch`` (the push to its first call's start) + its handler time (``setup``, ``compute``, ``compress``,
+    ``state`` and ``other``) + ``gaps`` (between its calls: Ray's task hand-over, pickling message and context
+    both ways) + ``collect`` (its last call's end to the replies' return); ``transport`` = dispatch + gaps +
+    collect. Per-call means: ``call_total``, ``call_setup``; ``setup_share`` = set-up / handler time over the
+    round's calls.
     """
     rows = []
     for cur, nxt in itertools.pairwise(rounds[1:]):
         wall = nxt["start"] - cur["start"]
         exchange = cur["end"] - cur["start"]
-        per_worker: dict[int, dict[str, float]] = {}
-        for call in cur["clients"]:
-            acc = per_worker.setdefault(int(call["pid"]), dict.fromkeys(("total", *CLIENT_PARTS), 0.0))
-            for key in acc:
-                acc[key] += float(call[key])
-        busiest = max(per_worker.values(), key=lambda acc: acc["total"], default=None)
-        busy = dict.fromkeys(("total", *CLIENT_PARTS), 0.0) if busiest is None else busiest
         calls = cur["clients"]
+        per_worker: dict[int, list[Mapping]] = {}
+        for call in calls:
+            per_worker.setdefault(int(call["pid"]), []).append(call)
+        busiest = max(per_worker.values(), key=lambda cs: sum(float(c["total"]) for c in cs), default=[])
+        busy = {key: sum(float(c[key]) for c in busiest) for key in ("total", *CLIENT_PARTS)}
+        first = min((float(c["start"]) for c in busiest), default=cur["start"])
+        last = max((float(c["end"]) for c in busiest), default=cur["start"])
+        server_parts = {part: float(cur.get("server", {}).get(part, 0.0)) for part in SERVER_PARTS}
+        handler = sum(float(c["total"]) for c in calls)
         row = {
             "wall": wall,
             "server": wall - exchange,
+            **server_parts,
+            "server_other": wall - exchange - sum(server_parts.values()),
             "exchange": exchange,
             **{part: busy[part] for part in CLIENT_PARTS},
             "other": busy["total"] - sum(busy[part] for part in CLIENT_PARTS),
             "client_critical": busy["total"],
             "transport": exchange - busy["total"],
-            "dispatch": (min(c["start"] for c in calls) - cur["start"]) if calls else float("nan"),
-            "collect": (cur["end"] - max(c["end"] for c in calls)) if calls else float("nan"),
+            "dispatch": first - cur["start"] if busiest else float("nan"),
+            "gaps": (last - first) - busy["total"] if busiest else float("nan"),
+            "collect": cur["end"] - last if busiest else float("nan"),
             "workers": float(len(per_worker)),
             "calls": float(len(calls)),
-            "call_total": statistics.mean(float(c["total"]) for c in calls) if calls else float("nan"),
-            "call_setup": statistics.mean(float(c["setup"]) for c in calls) if calls else float("nan"),
-            "setup_share": (
-                sum(float(c["setup"]) for c in calls) / sum(float(c["total"]) for c in calls)
-                if calls
-                else float("nan")
-            ),
+            "busiest_calls": float(len(busiest)),
+            "call_total": handler / len(calls) if calls else float("nan"),
+            "call_setup": sum(float(c["setup"]) for c in calls) / len(calls) if calls else float("nan"),
+            "setup_share": sum(float(c["setup"]) for c in calls) / handler if handler else float("nan"),
         }
         rows.append(row)
     return rows
@@ -307,6 +366,7 @@ def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     app = TimedClientApp(WithContext(client_app, base, {}))
+    restore = _patch_server()
     try:
         run_simulation(
             server_app=server_app,
@@ -320,6 +380,7 @@ def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
             verbose_logging=False,
         )
     finally:
+        restore()
         os.environ.pop(NO_CACHE_FLAG_ENV, None)
     if any(len(r) != args.repeats for r in runs.values()):
         raise RuntimeError("the simulation ended before every run finished; run Flower verbosely to see why")
@@ -432,17 +493,49 @@ class LoadMonitor:
 
 
 # ---------------------------------------------------------------------------------------------- report
-COLUMNS = (
-    ("wall", "round"),
-    ("server", "server work"),
-    ("setup", "client set-up"),
-    ("compute", "client compute"),
-    ("compress", "compression"),
-    ("state", "client state"),
-    ("other", "other client"),
-    ("transport", "transport + polls"),
-    ("dispatch", "(dispatch)"),
-    ("collect", "(collect)"),
+#: (title, [(row key, column name)]) of the tables, each a median over the runs' rounds (ms).
+TABLES = (
+    (
+        "A round",
+        [
+            ("wall", "round"),
+            ("server", "server work"),
+            ("client_critical", "client work (busiest worker)"),
+            ("transport", "transport + polls"),
+        ],
+    ),
+    (
+        "Server work (outside send_and_receive)",
+        [
+            ("configure", "configure_train"),
+            ("aggregate", "aggregate_train"),
+            ("evaluate", "central evaluation"),
+            ("server_other", "other (hooks, metrics, Flower's loop)"),
+        ],
+    ),
+    (
+        "Client work on the busiest worker (all its calls this round)",
+        [
+            ("busiest_calls", "calls"),
+            ("setup", "set-up"),
+            ("compute", "local training"),
+            ("compress", "compression"),
+            ("state", "client state"),
+            ("other", "other"),
+        ],
+    ),
+    (
+        "Transport and polls (along the busiest worker)",
+        [
+            ("dispatch", "push to its first call"),
+            ("gaps", "between its calls"),
+            ("collect", "its last call to the replies"),
+        ],
+    ),
+    (
+        "Per client call (set-up share = set-up / handler time over a round's calls)",
+        [("call_total", "handler"), ("call_setup", "set-up"), ("setup_share", "set-up share")],
+    ),
 )
 
 
@@ -454,50 +547,56 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f}"
 
 
+def _cell(rows: Sequence[Mapping[str, float]], key: str) -> str:
+    value = _median(rows, key)
+    if key == "setup_share":
+        return f"{100 * value:.1f}%"
+    if key == "busiest_calls":
+        return f"{value:.0f}"
+    return _ms(value)
+
+
 def report(
     rows: Mapping[str, list[dict]], plain: list[float], args, threads: int, load: LoadMonitor | None
 ) -> list[str]:
     """The markdown tables and the verdict lines (the ratio last)."""
     out = [
-        f"## A round, median over {args.repeats} x ({args.rounds} - 2) rounds per run (ms; the client parts are "
-        "the busiest worker's)\n",
-        "| run | " + " | ".join(name for _, name in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        f"Medians over {args.repeats} x ({args.rounds} - 2) rounds per run, in ms; a round runs from one "
+        "send_and_receive of training messages to the next.\n"
     ]
-    for name, r in rows.items():
-        out.append(f"| {name} | " + " | ".join(_ms(_median(r, key)) for key, _ in COLUMNS) + " |")
-    out += [
-        "\n## Per client call (ms, medians; set-up share = set-up / the whole handler, summed over a round's calls)\n",
-        "| run | handler | set-up | set-up share | workers | calls per round |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in rows.items():
-        out.append(
-            f"| {name} | {_ms(_median(r, 'call_total'))} | {_ms(_median(r, 'call_setup'))} | "
-            f"{100 * _median(r, 'setup_share'):.1f}% | {_median(r, 'workers'):.0f} | {_median(r, 'calls'):.0f} |"
-        )
+    for title, columns in TABLES:
+        out += [
+            f"## {title}\n",
+            "| run | " + " | ".join(name for _, name in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        out += [
+            f"| {name} | " + " | ".join(_cell(r, key) for key, _ in columns) + " |"
+            for name, r in rows.items()
+        ]
+        out.append("")
     cached = args.cache != "off"
-    comp_rows = rows[label("compams", cached)]
-    fedavg_rows = rows[label("flower-fedavg", cached)]
-    comp, fedavg = _median(comp_rows, "wall"), _median(fedavg_rows, "wall")
+    c, f = rows[label("compams", cached)], rows[label("flower-fedavg", cached)]
+    comp, fedavg = _median(c, "wall"), _median(f, "wall")
     floor = statistics.median(plain)
-    c = comp_rows
     out += [
-        "\n## Against a plain torch loop of the same clients\n",
+        "## Against a plain torch loop of the same clients\n",
         f"- plain torch loop (same model, data, local steps, batch; {args.clients} clients one after another in "
-        f"one process, {threads} torch thread(s) as in a worker): {_ms(floor)} ms per round",
-        f"- COMP-AMS in Flower: {_ms(comp)} ms per round ({comp / floor:.1f}x the plain loop). Where it goes: "
-        f"server work {_ms(_median(c, 'server'))} ms (validation, decoding, AMSGrad, central evaluation, "
-        f"metrics); Flower's transport and polls {_ms(_median(c, 'transport'))} ms (its two 0.1 s polling "
-        f"loops: dispatch {_ms(_median(c, 'dispatch'))} ms, collect {_ms(_median(c, 'collect'))} ms; Ray and "
-        f"pickling messages and contexts the rest); on the busiest of {_median(c, 'workers'):.0f} workers "
-        f"({_median(c, 'calls') / max(1.0, _median(c, 'workers')):.0f} clients each) local training "
-        f"{_ms(_median(c, 'compute'))} ms, compression {_ms(_median(c, 'compress'))} ms, set-up "
-        f"{_ms(_median(c, 'setup'))} ms, client state {_ms(_median(c, 'state'))} ms, the rest of the handler "
-        f"{_ms(_median(c, 'other'))} ms",
+        f"one process, {threads} torch thread(s) as in a worker, a plain averaged SGD step): {_ms(floor)} ms "
+        "per round",
+        f"- COMP-AMS in Flower: {_ms(comp)} ms per round, {comp / floor:.1f}x the plain loop. Server work "
+        f"{_ms(_median(c, 'server'))} ms (instructions {_ms(_median(c, 'configure'))}, validating, decoding and "
+        f"the AMSGrad step {_ms(_median(c, 'aggregate'))}, central evaluation {_ms(_median(c, 'evaluate'))}, "
+        f"the rest {_ms(_median(c, 'server_other'))}); Flower's transport and polls "
+        f"{_ms(_median(c, 'transport'))} ms (the dispatcher's and the grid's 0.1 s polls: "
+        f"{_ms(_median(c, 'dispatch'))} ms to the first call, {_ms(_median(c, 'collect'))} ms after the last; "
+        f"{_ms(_median(c, 'gaps'))} ms between calls for Ray and pickling each message and node context); the "
+        f"busiest worker's {_median(c, 'busiest_calls'):.0f} clients {_ms(_median(c, 'client_critical'))} ms, "
+        f"of which local training {_ms(_median(c, 'compute'))} ms and compression {_ms(_median(c, 'compress'))} "
+        f"ms (the {args.clients} clients run on {_median(c, 'workers'):.0f} workers in parallel)",
         f"- client set-up: {100 * _median(c, 'setup_share'):.1f}% of a COMP-AMS client's handler time "
-        f"(target < 10%), {100 * _median(fedavg_rows, 'setup_share'):.1f}% of a FedAvg client's "
-        f"(node cache {'on' if cached else 'off'})",
+        f"(target < 10%), {100 * _median(f, 'setup_share'):.1f}% of a FedAvg client's (node cache "
+        f"{'on' if cached else 'off'})",
     ]
     if args.cache == "both":
         off = rows[label("compams", False)]

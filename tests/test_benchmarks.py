@@ -59,7 +59,7 @@ def _call(pid, start, total, setup=0.0, compute=0.0, compress=0.0, state=0.0):
     }
 
 
-def test_round_breakdown_adds_up_on_the_busiest_worker_without_first_and_last_round():
+def test_round_breakdown_adds_up_along_the_busiest_worker_without_first_and_last_round():
     rounds = [{"start": 0.0, "end": 5.0, "clients": []}]  # the first round (start-up) is left out
     for i in range(1, 4):
         t = 10.0 * i
@@ -69,9 +69,10 @@ def test_round_breakdown_adds_up_on_the_busiest_worker_without_first_and_last_ro
                 "end": t + 0.3,
                 "clients": [
                     _call(1, t + 0.05, 0.10, setup=0.01, compute=0.05, compress=0.02),
-                    _call(1, t + 0.15, 0.10, setup=0.01, compute=0.05, compress=0.02),
+                    _call(1, t + 0.18, 0.10, setup=0.01, compute=0.05, compress=0.02),
                     _call(2, t + 0.06, 0.12, setup=0.02, compute=0.08, compress=0.01, state=0.005),
                 ],
+                "server": {"configure": 0.5, "aggregate": 1.0, "evaluate": 2.0},
             }
         )
     rows = bench_round.breakdown(rounds)
@@ -79,13 +80,16 @@ def test_round_breakdown_adds_up_on_the_busiest_worker_without_first_and_last_ro
     for row in rows:
         assert row["wall"] == pytest.approx(10.0)
         assert row["server"] + row["exchange"] == pytest.approx(row["wall"])
+        server_parts = sum(row[p] for p in (*bench_round.SERVER_PARTS, "server_other"))
+        assert server_parts == pytest.approx(row["server"]) and row["server_other"] == pytest.approx(6.2)
         assert row["client_critical"] == pytest.approx(0.20)  # worker 1 (two calls) is the busiest
         parts = sum(row[p] for p in (*bench_round.CLIENT_PARTS, "other"))
         assert parts == pytest.approx(row["client_critical"])
         assert row["transport"] == pytest.approx(0.3 - 0.20)
-        assert row["dispatch"] == pytest.approx(0.05) and row["collect"] == pytest.approx(0.3 - 0.25)
+        assert row["dispatch"] + row["gaps"] + row["collect"] == pytest.approx(row["transport"])
+        assert row["dispatch"] == pytest.approx(0.05) and row["gaps"] == pytest.approx(0.03)
         assert row["setup_share"] == pytest.approx(0.04 / 0.32)
-        assert row["workers"] == 2 and row["calls"] == 3
+        assert row["workers"] == 2 and row["calls"] == 3 and row["busiest_calls"] == 2
 
 
 def test_timing_grid_hands_on_replies_without_the_timing_record():
