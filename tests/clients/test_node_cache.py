@@ -30,10 +30,13 @@ LABELS = ("partition-1", "partition-2")
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray worker; 2-thread ops crawl on a busy 2-core machine
     node_cache.clear()
     yield
     node_cache.enabled = True
     node_cache.clear()
+    torch.set_num_threads(threads)
 
 
 def _settings(cfg) -> dict:
