@@ -21,8 +21,9 @@ run`` does. Every round is cut into
   carries the residual) to and from the worker. Its parts *dispatch* (push to the first client starting) and
   *collect* (the last client done to the replies being returned) are shown on their own.
 
-A round is the time from one round's ``send_and_receive`` to the next's; the first round of each run (worker
-start, imports, data loading) and the last (no next round) are left out. Medians over every remaining round of
+A round is the time from one round's ``send_and_receive`` to the next's; a two-round warm-up run of each algorithm
+(worker start, imports, data loading) is not recorded, and the first and last round of every run (the last has
+no next round) are left out. Medians over every remaining round of
 every repetition; the components' medians need not add up to the round's median exactly.
 
 The timers are off unless this benchmark runs: it wraps the ClientApp in :class:`TimedClientApp`, which, in each
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -317,7 +319,7 @@ def label(algorithm: str, cached: bool) -> str:
     return algorithm if cached else f"{algorithm} (no cache)"
 
 
-def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
+def _simulate(args, base: dict, out_dir: Path, load: LoadMonitor) -> dict[str, list[dict]]:
     """One Flower simulation that runs the variants alternately; the timed rounds of every run, by variant."""
     import logging
 
@@ -336,6 +338,10 @@ def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        for algorithm in ALGORITHMS:  # warm-up, not recorded: workers start, import, load their data
+            flag.unlink(missing_ok=True)
+            warm = {**base, "num-server-rounds": 2, "algorithm": algorithm, "out-dir": str(out_dir)}
+            run_server(TimingGrid(grid), {**warm, "run-name": f"warm-up-{algorithm}"})
         for rep in range(args.repeats):
             order = variants(args.cache)
             for algorithm, cached in order if rep % 2 == 0 else order[::-1]:
@@ -351,8 +357,9 @@ def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
                     "out-dir": str(out_dir),
                     "run-name": f"{algorithm}-cache{int(cached)}-{rep}",
                 }
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), load.own_now()
                 run_server(timing, config)
+                cpu = load.own_now() - cpu0
                 print(
                     f"  {name} repetition {rep + 1}/{args.repeats}: {args.rounds} rounds in "
                     f"{time.perf_counter() - t0:.1f} s",
@@ -362,7 +369,7 @@ def _simulate(args, base: dict, out_dir: Path) -> dict[str, list[dict]]:
                 seen = {c["cache"] for r in timing.rounds for c in r["clients"]}
                 if seen - {float(cached)}:
                     raise RuntimeError(f"{name}: the workers' node cache was not {'on' if cached else 'off'}")
-                runs[name].append({"rounds": timing.rounds})
+                runs[name].append({"rounds": timing.rounds, "cpu": cpu})
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     app = TimedClientApp(WithContext(client_app, base, {}))
@@ -443,9 +450,21 @@ class LoadMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._hz = os.sysconf("SC_CLK_TCK")
+        self._lock = threading.Lock()
         self.available = Path("/proc/self/stat").exists()
 
+    def own_now(self) -> float:
+        """CPU seconds this benchmark's process tree has used since the monitor started (NaN without /proc)."""
+        if not self.available:
+            return float("nan")
+        self._sample()
+        return self.own
+
     def _sample(self, first: bool = False) -> None:
+        with self._lock:
+            self._sample_locked(first)
+
+    def _sample_locked(self, first: bool) -> None:
         procs: dict[int, tuple[int, float]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -557,7 +576,12 @@ def _cell(rows: Sequence[Mapping[str, float]], key: str) -> str:
 
 
 def report(
-    rows: Mapping[str, list[dict]], plain: list[float], args, threads: int, load: LoadMonitor | None
+    rows: Mapping[str, list[dict]],
+    plain: list[float],
+    args,
+    threads: int,
+    load: LoadMonitor | None,
+    cpu: Mapping[str, float] | None = None,
 ) -> list[str]:
     """The markdown tables and the verdict lines (the ratio last)."""
     out = [
@@ -605,6 +629,19 @@ def report(
             f"{_ms(_median(off, 'call_setup'))} ms per call ({100 * _median(off, 'setup_share'):.1f}%); with it "
             f"{_ms(comp)} ms, {_ms(_median(c, 'call_setup'))} ms ({100 * _median(c, 'setup_share'):.1f}%)"
         )
+    if len(c) > 1 and len(f) > 1:  # the first quartile of the rounds' wall times
+        qc, qf = (statistics.quantiles([r["wall"] for r in rs], n=4)[0] for rs in (c, f))
+        out.append(
+            f"- the fastest quarter of rounds (less exposed to other processes): COMP-AMS {_ms(qc)} ms, FedAvg "
+            f"{_ms(qf)} ms, ratio {qc / qf:.2f}"
+        )
+    if cpu and all(math.isfinite(v) for v in cpu.values()):
+        cc, cf = cpu[label("compams", cached)], cpu[label("flower-fedavg", cached)]
+        out.append(
+            f"- CPU per round of this benchmark's processes (server, Ray, workers; a run's CPU / its rounds, "
+            f"median over runs; independent of waiting): COMP-AMS {_ms(cc)} ms, FedAvg {_ms(cf)} ms, ratio "
+            f"{cc / cf:.2f}"
+        )
     if load is not None and load.available:
         other = load.other / load.wall
         busy = " (a busy machine: these numbers are noisy)" if other > 0.2 else ""
@@ -631,6 +668,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="on",
         help="the workers' node cache (both: A/B it too)",
     )
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=0,
+        help="torch threads of the ServerApp's process (0: torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 3 or args.repeats < 1 or args.clients < 1 or args.plain_rounds < 2:
         parser.error("need --rounds >= 3, --repeats >= 1, --clients >= 1, --plain-rounds >= 2")
@@ -649,8 +692,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.clients} clients (1 CPU each), {args.rounds} rounds x {args.repeats} repetitions per run, node "
         f"cache {args.cache}, default config otherwise (digits, Top-k 1 % + EF, AMSGrad)\n"
     )
+    if args.server_threads:
+        torch.set_num_threads(args.server_threads)
+    print(f"ServerApp process: {torch.get_num_threads()} torch thread(s)\n")
     with LoadMonitor() as load, tempfile.TemporaryDirectory(prefix="bench-round-") as tmp:
-        runs = _simulate(args, base, Path(tmp))
+        runs = _simulate(args, base, Path(tmp), load)
         threads = int(
             statistics.median(
                 c["threads"]
@@ -662,7 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         plain = plain_loop(base, args.clients, args.plain_rounds, threads)
     rows = {name: [row for run in r for row in breakdown(run["rounds"])] for name, r in runs.items()}
-    print("\n".join(report(rows, plain, args, threads, load)))
+    cpu = {name: statistics.median(run["cpu"] / args.rounds for run in r) for name, r in runs.items()}
+    print("\n".join(report(rows, plain, args, threads, load, cpu)))
     return 0
 
 
