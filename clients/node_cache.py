@@ -21,7 +21,8 @@ thread serves one message at a time) and carries nothing from one message to the
 every tensor of its state dict from the message (or, when the message carries no model, the seeded initial
 weights a fresh model would have), drops its gradients and puts it in training mode, so a message gets exactly
 the model a freshly built one would be (tested: replies bit-identical to the uncached path). A model with
-buffers outside its state dict (non-persistent buffers, which a load would not overwrite) is never cached.
+buffers outside its state dict (non-persistent buffers, which a load would not overwrite) is never cached. A
+node's cached example tensors are shared by all its messages: handlers read them and never modify them in place.
 
 ``enabled = False`` (or the environment variable ``FL_COMPAMS_NODE_CACHE=0`` when the process starts) turns the
 cache off: every message then builds everything afresh, as before the cache existed.
