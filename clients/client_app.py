@@ -20,35 +20,32 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import baselines, model_buffers, state_io
+from clients import baselines, model_buffers, node_cache, state_io
 from fl_compams import protocol
 from fl_compams.algorithm import FLOWER_BASELINES, Instruction, worker_begin, worker_end
-from fl_compams.config import ExperimentConfig, build_algorithm, parse_config
+from fl_compams.config import ExperimentConfig, build_algorithm
 from fl_compams.downlink import ReplicaMismatch, receive
 from fl_compams.flat import ParamSpec, flatten, unflatten
 from fl_compams.laq import LazyInstruction
-from tasks.local_data import node_data
-from tasks.task import model_for_task, resolve_device, task_shape
 from tasks.training import evaluate, full_gradient, local_update
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    """Config, device, this node's data and the received model, from the message and the node config."""
+    """Config, device, this node's data and the received model, from the message and the node config.
+
+    Everything but the weights comes from the per-process cache (:mod:`clients.node_cache`, keyed by run, node
+    and config); the model holds the message's weights, or the seeded initial ones when it has none.
+    """
     record = msg.content[protocol.CONFIG]
-    cfg = parse_config({k: record[k] for k in protocol.CLIENT_KEYS if k in record})
-    device = resolve_device(cfg.train.device, deterministic=cfg.train.deterministic)
-    input_shape, num_classes = task_shape(cfg.data)
-    data = node_data(cfg.data, context.node_config, cfg.seed, device, input_shape, num_classes)
+    # two-way compression: the model is absent unless a dense resync (train loads the replica)
+    weights = msg.content[protocol.ARRAYS].to_torch_state_dict() if protocol.ARRAYS in msg.content else None
+    node = node_cache.setup(record, context, weights)
     # pid seeds this node's randomness: its partition id if it has one
-    pid, x, y = data.seed_id, data.x, data.y
-    model = model_for_task(cfg.data, cfg.seed)  # architecture only: the weights come from the message
-    if protocol.ARRAYS in msg.content:  # two-way compression: absent unless a dense resync (see train)
-        model.load_state_dict(msg.content[protocol.ARRAYS].to_torch_state_dict())
-    model.to(device)
+    pid, x, y = node.data.seed_id, node.data.x, node.data.y
     server_round = int(record.get("server-round", 0))
-    return cfg, device, pid, server_round, x, y, model
+    return node.cfg, node.device, pid, server_round, x, y, node.model
 
 
 def _generator(cfg: ExperimentConfig, pid: int, server_round: int, salt: int) -> torch.Generator:
