@@ -72,7 +72,9 @@ def _compact(sweep) -> dict:
 
 
 def _command(preset: str, dataset: str) -> str:
-    extra = "" if dataset == "digits" else f" --dataset {dataset} --data-dir DATA_DIR"
+    extra = "" if dataset == "digits" else f" --dataset {dataset}"
+    if dataset not in ("digits", "mnist1d"):  # the others are downloaded
+        extra += " --data-dir DATA_DIR"
     return f"fl-compams reproduce {preset}{extra}"
 
 
