@@ -95,15 +95,16 @@ def train(msg: Message, context: Context) -> Message:
     reply, worker = worker_end(
         algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked, steps=steps
     )
-    state_io.save_worker_state(context.state, worker)
-    state_io.save_to_disk(context, spec.dim, server_round=server_round)
+    state_io.save_worker_state(context.state, worker, cfg.train.state_dtype)
+    state_io.save_to_disk(context, spec.dim, server_round=server_round, store=cfg.train.state_store)
+    stored = state_io.state_bytes(worker, cfg.train.state_dtype)  # as stored: state-dtype's bytes
     metrics |= {
         protocol.RESIDUAL_NORM: float(worker.residual.norm()) if worker.residual is not None else 0.0,
         protocol.RESIDUAL_NORM_IN: residual_in,
         protocol.FOLDED_NORM: begun.folded_norm,
         protocol.REMOVED_NORM: begun.removed_norm,
         protocol.STATE_ROUNDS: worker.rounds,
-        **{protocol.STATE_BYTES[slot]: n for slot, n in state_io.state_bytes(worker).items() if n},
+        **{protocol.STATE_BYTES[slot]: n for slot, n in stored.items() if n},
     }
     record = ConfigRecord(
         {
