@@ -79,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = Instruction(server_round, _statuses(msg), _downlink(msg), _lazy(msg))
     if instruction.downlink is not None:  # two-way: bring the replica to the public model and train there
         try:
-            worker = _receive(msg, worker, instruction.downlink, spec, device)
+            worker = _receive(msg, worker, instruction.downlink, spec, device, cfg.train.state_dtype)
         except ReplicaMismatch as err:  # never train on a model the node cannot vouch for: ask for the model
             record = ConfigRecord({protocol.REPLY_ROUND: server_round, protocol.RESYNC: str(err)[:500]})
             return Message(RecordDict({protocol.PAYLOAD: record}), reply_to=msg)
@@ -148,14 +148,15 @@ def _downlink(msg: Message):
     return protocol.downlink_from_fields(dict(msg.content[protocol.DOWNLINK]))
 
 
-def _receive(msg: Message, worker, instruction, spec: ParamSpec, device):
+def _receive(msg: Message, worker, instruction, spec: ParamSpec, device, dtype: str = "float32"):
     """The worker state with its replica at the instruction's target (raises ReplicaMismatch)."""
     dense = None
     if instruction.dense and protocol.ARRAYS in msg.content:
         dense = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
     replica, version = receive(
-        worker.replica, worker.replica_version, instruction, dense, dim=spec.dim, block_sizes=spec.block_sizes
-    )
+        worker.replica, worker.replica_version, instruction, dense, dim=spec.dim, block_sizes=spec.block_sizes,
+        dtype=dtype,
+    )  # fmt: skip
     return worker._replace(replica=replica, replica_version=version)
 
 

@@ -67,10 +67,11 @@ OUT_DIR_KEY = "out-dir"
 STORE_RECORD = "store"
 STORE_PATH_KEY = "path"
 STORE_TEMP_KEY = "temporary"
-#: A residual stored in float16 keeps its power-of-two scale exponent beside it; one in bfloat16 is kept as the
-#: raw 16-bit patterns (numpy, hence Flower's Array and the file format, has no bfloat16).
-EXPONENT_KEY = "residual-exp2"
-BFLOAT16_KEY = "residual-bfloat16"
+#: A vector stored in float16 (the residual, the replica's ``model``) keeps its power-of-two scale exponent beside
+#: it, ``<name>-exp2``; one in bfloat16 is kept as its raw 16-bit patterns, ``<name>-bfloat16`` (numpy, hence
+#: Flower's Array and the state file format, has no bfloat16).
+EXPONENT_SUFFIX = "-exp2"
+BFLOAT16_SUFFIX = "-bfloat16"
 
 
 def _tensor(arr: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
@@ -85,7 +86,7 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
     """
     residual = pending = local = None
     if RESIDUAL_RECORD in state:
-        residual = _load_residual(state[RESIDUAL_RECORD], dim, device)
+        residual = _unpack(state[RESIDUAL_RECORD], RESIDUAL_KEY, dim, device)
     lazy = _load_lazy(state, dim, device)
     if PENDING_RECORD in state and (residual is not None or lazy is not None):
         rec = state[PENDING_RECORD]
@@ -124,33 +125,41 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
     )
 
 
-def _load_residual(rec: ArrayRecord, dim: int, device: torch.device) -> torch.Tensor | None:
-    """The residual as float32, from whichever dtype it was stored in; None if of another model size."""
-    if BFLOAT16_KEY in rec:
-        bits = rec[BFLOAT16_KEY].numpy()
+def _unpack(rec: ArrayRecord, name: str, dim: int, device: torch.device) -> torch.Tensor | None:
+    """The vector ``name`` of ``rec`` as float32, from whichever dtype it was stored in; None if of another size."""
+    if name + BFLOAT16_SUFFIX in rec:
+        bits = rec[name + BFLOAT16_SUFFIX].numpy()
         if bits.shape != (dim,):
             return None
         values = torch.from_numpy(bits.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
         return precision.decode(values).to(device)
-    arr = rec[RESIDUAL_KEY].numpy()
+    arr = rec[name].numpy()
     if arr.shape != (dim,):
         return None
     if arr.dtype == np.float16:
-        k = int(rec[EXPONENT_KEY].numpy()[0]) if EXPONENT_KEY in rec else 0
-        return precision.decode(torch.from_numpy(arr.copy()).to(device), k)
+        exp = name + EXPONENT_SUFFIX
+        return precision.decode(
+            torch.from_numpy(arr.copy()).to(device), int(rec[exp].numpy()[0]) if exp in rec else 0
+        )
     return _tensor(arr, np.float32, device)
 
 
-def _residual_record(residual: torch.Tensor, dtype: str) -> ArrayRecord:
-    """The residual's record in ``dtype`` (:func:`fl_compams.precision.encode`; float32 = the values as they are)."""
-    values, k = precision.encode(residual.detach(), dtype)
+def _pack(name: str, vector: torch.Tensor, dtype: str) -> dict[str, Array]:
+    """The arrays that store ``vector`` in ``dtype`` (:func:`fl_compams.precision.encode`; float32: as it is)."""
+    values, k = precision.encode(vector.detach(), dtype)
     if dtype == "bfloat16":
-        bits = values.cpu().view(torch.int16).numpy().view(np.uint16)
-        return ArrayRecord({BFLOAT16_KEY: Array(bits)})
-    arrays = {RESIDUAL_KEY: Array(values.cpu().numpy())}
+        return {name + BFLOAT16_SUFFIX: Array(values.cpu().view(torch.int16).numpy().view(np.uint16))}
+    arrays = {name: Array(values.cpu().numpy())}
     if dtype == "float16":
-        arrays[EXPONENT_KEY] = Array(np.array([k], dtype=np.int64))
-    return ArrayRecord(arrays)
+        arrays[name + EXPONENT_SUFFIX] = Array(np.array([k], dtype=np.int64))
+    return arrays
+
+
+def _stored_nbytes(vector: torch.Tensor | None, dtype: str) -> int:
+    """Bytes :func:`_pack` stores ``vector`` in: its elements in ``dtype``, plus float16's 8-byte exponent."""
+    if vector is None:
+        return 0
+    return vector.numel() * precision.itemsize(dtype) + (8 if dtype == "float16" else 0)
 
 
 def _load_replica(
@@ -160,11 +169,11 @@ def _load_replica(
     if REPLICA_RECORD not in state:
         return None, None
     rec = state[REPLICA_RECORD]
-    model = rec["model"].numpy()
-    if model.shape != (dim,):
+    model = _unpack(rec, "model", dim, device)
+    if model is None:
         return None, None
     digest = rec["digest"].numpy().astype(np.uint8).tobytes().decode("ascii", errors="replace")
-    return _tensor(model, np.float32, device), Version(int(rec["round"].numpy()[0]), digest)
+    return model, Version(int(rec["round"].numpy()[0]), digest)
 
 
 def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker | None:
@@ -185,8 +194,10 @@ def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker 
 def save_worker_state(state: RecordDict, worker: WorkerState, dtype: str = "float32") -> None:
     """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records).
 
-    ``dtype`` (config ``state-dtype``) is the residual's storage: float32 keeps it exactly; float16 and bfloat16
-    round it (:mod:`fl_compams.precision`), and :func:`load_worker_state` then reads the rounded values.
+    ``dtype`` (config ``state-dtype``) is the storage of the residual and the replica: float32 keeps them as
+    they are; float16 and bfloat16 round them (:mod:`fl_compams.precision`), and :func:`load_worker_state` then
+    reads the rounded values. The replica is the public model, which two-way runs keep representable in
+    ``dtype`` (:mod:`fl_compams.downlink`): it is stored exactly.
     """
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
     for record in (
@@ -201,7 +212,7 @@ def save_worker_state(state: RecordDict, worker: WorkerState, dtype: str = "floa
         if record in state:
             del state[record]
     if worker.residual is not None:
-        state[RESIDUAL_RECORD] = _residual_record(worker.residual, dtype)
+        state[RESIDUAL_RECORD] = ArrayRecord(_pack(RESIDUAL_KEY, worker.residual, dtype))
     if worker.pending is not None:
         state[PENDING_RECORD] = ArrayRecord(
             {
@@ -228,7 +239,7 @@ def save_worker_state(state: RecordDict, worker: WorkerState, dtype: str = "floa
     if worker.replica is not None and worker.replica_version is not None:
         state[REPLICA_RECORD] = ArrayRecord(
             {
-                "model": as_array(worker.replica),
+                **_pack("model", worker.replica, dtype),
                 "round": Array(np.array([worker.replica_version.round], dtype=np.int64)),
                 "digest": Array(
                     np.frombuffer(worker.replica_version.digest.encode("ascii"), dtype=np.uint8).copy()
@@ -256,21 +267,18 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 def state_bytes(worker: WorkerState, dtype: str = "float32") -> dict[str, int]:
     """Bytes of each slot of a worker's state, by ``protocol.STATE_SLOTS`` name (design.md section 7, "State size").
 
-    Tensors count their elements at the size they are stored in (the residual in ``dtype``, config
-    ``state-dtype``, plus the 8-byte scale exponent of float16; the rest float32); the pending reply its wire
+    Tensors count their elements at the size they are stored in (the residual and the replica in ``dtype``,
+    config ``state-dtype``, plus float16's 8-byte scale exponent; the rest float32); the pending reply its wire
     bytes; LAQ's slot its last upload plus its three float64 scalars and the clock.
     """
     w = worker
     lazy = w.lazy
-    residual = 0
-    if w.residual is not None:
-        residual = w.residual.numel() * precision.itemsize(dtype) + (8 if dtype == "float16" else 0)
     return {
-        "residual": residual,
+        "residual": _stored_nbytes(w.residual, dtype),
         "pending": len(w.pending.payload) if w.pending is not None else 0,
         "local_opt": _nbytes(w.local_opt.m, w.local_opt.v) if w.local_opt is not None else 0,
         "local_change": _nbytes(w.local_change.change) if w.local_change is not None else 0,
-        "replica": _nbytes(w.replica),
+        "replica": _stored_nbytes(w.replica, dtype),
         "momentum": _nbytes(w.momentum.m) if w.momentum is not None else 0,
         "lazy": _nbytes(lazy.q) + 4 * 8 if lazy is not None else 0,
     }

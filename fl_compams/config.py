@@ -299,7 +299,7 @@ _STATE: tuple[Key, ...] = (
         "float32",
         choice(STATE_DTYPES),
         "storage of the EF residual and the two-way replica: float32 (exact), float16 (scaled) or bfloat16; "
-        "the stored, rounded values are the ones used",
+        "the rounded residual is the one used, and two-way keeps the public model representable in it",
     ),
     key(
         "state-store",
@@ -751,7 +751,7 @@ def build_downlink(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None = 
         return None
     values = {**cfg.compression.params, "topk-ratio": s.downlink_ratio, "topk-k": 0}
     compressor = compressor_class(s.downlink_compressor).from_config(values, block_sizes)
-    return DownlinkPart(compressor, log_size=s.downlink_log, seed=cfg.seed)
+    return DownlinkPart(compressor, log_size=s.downlink_log, seed=cfg.seed, dtype=cfg.train.state_dtype)
 
 
 def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:

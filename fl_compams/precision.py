@@ -5,14 +5,17 @@ A worker's EF residual (and, with two-way compression, its replica of the public
 used afterwards are the stored (rounded) ones, so the EF identity holds up to the rounding error:
 
 * ``float16``: the vector is scaled by ``2**k`` before rounding, with ``k`` chosen so that its largest magnitude
-  lies in ``[2**14, 2**15)``; ``k`` is stored beside the values. Scaling by a power of two is exact, so the
+  lies in ``(2**14, 2**15]``; ``k`` is stored beside the values. Scaling by a power of two is exact, so the
   rounding is that of float16's 11-bit significand (unit roundoff ``2**-11``) with its exponent range moved to
   the vector: no overflow (float16's maximum is 65504), and elements down to about ``2**-28`` of the largest stay
   normal. Smaller elements round to a multiple of ``2**-24`` of the scale (float16's subnormals).
 * ``bfloat16``: float32's exponent range with an 8-bit significand (unit roundoff ``2**-8``); no scale needed.
 
 Rounding is to nearest, ties to even (torch's ``Tensor.to``), the same on every device, so a server and a client
-that round the same float32 vector get the same bits.
+that round the same float32 vector get the same bits; and it is idempotent (``round_to(round_to(x)) ==
+round_to(x)``): float16's scale can only grow when the largest magnitude rounds down to ``2**14``, and a finer
+scale represents every value of the coarser one. So a vector kept representable (two-way compression's public
+model, :mod:`fl_compams.downlink`) is stored exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 #: Half the smallest subnormal, relative to the scale: the absolute error bound of elements below normal range.
 _TINY = {"float32": 2.0**-150, "float16": 2.0**-25, "bfloat16": 2.0**-134}
-#: float16: the largest magnitude is scaled into [2**14, 2**15), well below float16's maximum 65504.
+#: float16: the largest magnitude is scaled into (2**14, 2**15], below float16's maximum 65504.
 _F16_TOP = 15
 
 
@@ -48,7 +51,8 @@ def _scale_exponent(x: torch.Tensor) -> int:
     top = float(x.abs().max()) if x.numel() else 0.0
     if top == 0.0 or not math.isfinite(top):
         return 0
-    return _F16_TOP - math.frexp(top)[1]  # top = m * 2**e, m in [0.5, 1): top * 2**(15 - e) in [2**14, 2**15)
+    m, e = math.frexp(top)  # top = m * 2**e, m in [0.5, 1)
+    return _F16_TOP - (e - 1 if m == 0.5 else e)  # 15 - ceil(log2(top)): top * 2**k in (2**14, 2**15]
 
 
 def _ldexp(x: torch.Tensor, k: int) -> torch.Tensor:

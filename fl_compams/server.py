@@ -43,12 +43,14 @@ class ServerState(NamedTuple):
 
 
 def init_server_state(
-    theta: torch.Tensor, optimizer: ServerOptimizer, *, two_way: bool = False
+    theta: torch.Tensor, optimizer: ServerOptimizer, *, two_way: bool = False, public_dtype: str = "float32"
 ) -> ServerState:
-    """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0)."""
-    return ServerState(
-        0, theta.clone(), optimizer.init(theta), downlink=init_downlink(theta) if two_way else None
-    )
+    """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0).
+
+    ``public_dtype`` (``state-dtype``): the public model is theta_1 rounded to it (:func:`init_downlink`).
+    """
+    down = init_downlink(theta, public_dtype) if two_way else None
+    return ServerState(0, theta.clone(), optimizer.init(theta), downlink=down)
 
 
 def apply_round(

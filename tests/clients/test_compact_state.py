@@ -194,3 +194,57 @@ def test_default_instruction_does_not_carry_the_state_keys_but_a_compact_one_doe
     }
     with pytest.raises(ValueError, match="state-dtype"):
         parse_config({"state-dtype": "float8"})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_two_way_replica_is_stored_in_two_bytes_exactly_and_follows_the_broadcasts(dtype):
+    """The public model stays representable in state-dtype, so the compact replica still matches every digest."""
+    from fl_compams import ParamSpec, flatten, unflatten
+    from fl_compams.algorithm import instruction_for
+    from fl_compams.config import build_algorithm
+    from fl_compams.downlink import broadcast, observe
+    from fl_compams.server import init_server_state
+    from strategies import validate
+
+    settings = {"seed": 3, "batch-size": 8, "downlink-compressor": "blocksign", "state-dtype": dtype}
+    cfg = parse_config(settings)
+    model = model_for_task(cfg.data, cfg.seed)
+    spec = ParamSpec.from_module(model)
+    algorithm = build_algorithm(cfg, spec.block_sizes)
+    theta = flatten(model.state_dict(), spec)
+    state = init_server_state(theta, algorithm.server_opt, two_way=True, public_dtype=dtype)
+    flat = cfg.to_flat()
+
+    def message(state, rnd):
+        instruction = instruction_for(state, "partition-1", rnd)
+        content = RecordDict(
+            {
+                protocol.CONFIG: ConfigRecord(
+                    {**{k: flat[k] for k in protocol.CLIENT_KEYS}, "server-round": rnd}
+                )
+            }
+        )
+        content[protocol.DOWNLINK] = ConfigRecord(protocol.downlink_to_fields(instruction.downlink))
+        if instruction.downlink.dense:
+            content[protocol.ARRAYS] = ArrayRecord(unflatten(state.downlink.public, spec))
+        return Message(content=content, message_type=MessageType.TRAIN, dst_node_id=7)
+
+    ctx = Context(run_id=1, node_id=7, node_config=dict(NODE), state=RecordDict(), run_config={})
+    first = train(message(state, 1), ctx).content
+    down = observe(state.downlink, [("partition-1", validate.replica_echo(first))])
+    for rnd in (1, 2, 3):  # the node sits out three broadcasts, then follows them
+        new = theta + 0.01 * torch.randn(spec.dim, generator=torch.Generator().manual_seed(rnd))
+        down = broadcast(algorithm.downlink, down, theta, new, rnd)
+        theta = new
+        assert torch.equal(precision.round_to(down.public, dtype), down.public)  # representable
+        assert torch.allclose(down.public + down.residual, theta, atol=1e-6)  # public + e_s = theta
+    content = train(message(state._replace(theta=theta, downlink=down), 4), ctx).content
+    assert content[protocol.PAYLOAD][protocol.REPLICA] == str(down.version)  # no resync: the digest matched
+    record = ctx.state[state_io.REPLICA_RECORD]
+    assert sum(a.numpy().nbytes for k, a in record.items() if k.startswith("model")) == 2 * spec.dim + (
+        8 if dtype == "float16" else 0
+    )
+    held = state_io.load_worker_state(ctx.state, spec.dim, CPU)
+    assert torch.equal(held.replica, down.public) and held.replica_version == down.version
+    metrics = content[protocol.METRICS]
+    assert metrics[protocol.STATE_BYTES["replica"]] == state_io.state_bytes(held, dtype)["replica"]

@@ -36,6 +36,18 @@ def test_stored_values_are_two_bytes_and_read_back_exactly(dtype):
     assert torch.equal(precision.round_to(precision.round_to(x, dtype), dtype), precision.round_to(x, dtype))
 
 
+@pytest.mark.parametrize("dtype", COMPACT)
+def test_rounding_is_idempotent_even_where_the_largest_element_rounds_to_a_power_of_two(dtype):
+    near = [2.0**15 - 1, 2.0**14 + 1, 2.0**15 - 2**-3, 2.0**14 + 2**-4, 1.0, 2.0**14]  # tie / boundary cases
+    cases = [wide_vector(3000, seed=s) for s in range(3)]
+    cases += [torch.tensor([top, 0.3, -1e-3, 2.0**-20, 5e-9]) * 2.0**j for top in near for j in (-30, 0, 7)]
+    # the largest rounds up to 2**15; the smallest is a normal float16 whose last bit a coarser scale would drop
+    cases.append(torch.tensor([2.0**15 - 1, 2.0**-14 + 2.0**-24]))
+    for x in cases:
+        once = precision.round_to(x, dtype)
+        assert torch.equal(precision.round_to(once, dtype), once)
+
+
 def test_float16_is_scaled_so_large_and_small_vectors_neither_overflow_nor_flush():
     big = torch.tensor([1e6, -7e4, 3.0, 0.1])  # within 2**-28 of the largest: normal once scaled
     small = torch.tensor([3e-7, -1e-9, 2e-10])
