@@ -142,12 +142,19 @@ class TreeSampler(threading.Thread):
         for pid, rec in sorted(self.procs.items()):
             if pid == self.root:
                 role = "driver"
-            elif rec["parent"] in raylets and (rec["cmd"].startswith("ray::") or "_worker.py" in rec["cmd"]):
+            elif rec["parent"] in raylets and _is_worker(rec["cmd"]):
                 role = "ray worker"
             else:
                 role = "ray service"
             out.append({"pid": pid, "role": role, "name": _short(rec["cmd"]), **rec})
         return out
+
+
+def _is_worker(cmd: str) -> bool:
+    """A Ray worker process (an actor, or an idle worker), not one of the raylet's agents."""
+    if cmd.startswith("ray::"):
+        return not cmd.split(" ")[0].endswith("Agent")
+    return "_worker.py" in cmd
 
 
 def _short(cmd: str) -> str:
@@ -240,6 +247,7 @@ def mib(b: float) -> str:
 
 def summarize(case: dict) -> dict:
     """Seconds per round, driver growth against state growth, and the process peaks of one case."""
+    zero = next((r for r in case["rounds"] if r["round"] == 0), None)
     rows = [r for r in case["rounds"] if r["round"]]
     first = rows[0]
     times = [b["t"] - a["t"] for a, b in itertools.pairwise(rows)]
@@ -262,8 +270,13 @@ def summarize(case: dict) -> dict:
         "driver_growth": growth,
         "anon_growth": anon,
         "ratio": growth / state if state and in_memory else None,
+        "anon_ratio": anon / state if state and in_memory else None,
+        "to_round0": zero["t"] if zero else float("nan"),
+        "round1": first["t"] - zero["t"] if zero else float("nan"),
+        "anon0": zero["status"]["RssAnon"] if zero else 0,
         "driver_hwm": driver.get("hwm", 0),
-        "worker_hwm": [p.get("hwm", 0) for p in workers],
+        "actor_hwm": [p.get("hwm", 0) for p in workers if "Actor" in p["name"]],
+        "idle_hwm": [p.get("hwm", 0) for p in workers if "Actor" not in p["name"]],
         "service_hwm": sum(p.get("hwm", 0) for p in services),
         "accuracy": last["accuracy"],
         "workers": workers,
@@ -302,21 +315,26 @@ def report(cases: list[dict], args: argparse.Namespace, argv: list[str]) -> None
         f"{args.num_cpus:g} CPU per Ray actor, seed {args.seed}\n"
     )
     print(
-        "| clients | per round | s / round | start-up s | clients holding state | state MiB (end) | "
-        "driver RSS growth MiB | state growth MiB | growth / state | driver peak MiB | Ray workers: n, peak MiB each "
-        "| Ray services peak MiB | other CPU (cores) | test acc |"
+        "| clients | per round | s / round | to round 0 s | round 1 s | clients holding state | state MiB | "
+        "driver anon at round 0 MiB | state growth MiB | driver RSS / anon growth MiB | growth / state (RSS, anon) | "
+        "driver peak MiB | Ray actors peak MiB | idle workers peak MiB | Ray services peak MiB | "
+        "other CPU (cores) | test acc |"
     )
-    print("|" + "---:|" * 14)
+    print("|" + "---:|" * 17)
     for case in cases:
         s = summarize(case)
-        ratio = f"{s['ratio']:.2f}" if s["ratio"] is not None else "n/a"
-        workers = ", ".join(mib(h) for h in sorted(s["worker_hwm"], reverse=True))
+        ratio = "n/a"
+        if s["ratio"] is not None:
+            ratio = f"{s['ratio']:.2f}, {s['anon_ratio']:.2f}"
+        actors = ", ".join(mib(h) for h in sorted(s["actor_hwm"], reverse=True))
+        idle = ", ".join(mib(h) for h in sorted(s["idle_hwm"], reverse=True))
         acc = f"{s['accuracy']:.3f}" if isinstance(s["accuracy"], float) else "-"
         print(
-            f"| {case['clients']:,} | {case['per_round']} | {s['s_per_round']:.3f} | {s['startup']:.1f} | "
-            f"{s['holders']:,} | {mib(s['state_bytes'])} | {mib(s['driver_growth'])} | {mib(s['state_growth'])} | "
-            f"{ratio} | {mib(s['driver_hwm'])} | {len(s['worker_hwm'])}: {workers} | {mib(s['service_hwm'])} | "
-            f"{case['other_cpu']:.2f} | {acc} |"
+            f"| {case['clients']:,} | {case['per_round']} | {s['s_per_round']:.3f} | {s['to_round0']:.1f} | "
+            f"{s['round1']:.1f} | {s['holders']:,} | {mib(s['state_bytes'])} | {mib(s['anon0'])} | "
+            f"{mib(s['state_growth'])} | {mib(s['driver_growth'])} / {mib(s['anon_growth'])} | {ratio} | "
+            f"{mib(s['driver_hwm'])} | {actors} | {idle} | {mib(s['service_hwm'])} | {case['other_cpu']:.2f} | "
+            f"{acc} |"
         )
     print("\n## Every process (peak RSS = VmHWM; anon = peak RssAnon)\n")
     print("| clients | role | pid | process | peak RSS MiB | peak anon MiB | CPU s |")
@@ -328,8 +346,10 @@ def report(cases: list[dict], args: argparse.Namespace, argv: list[str]) -> None
                 f"{mib(p['peak_anon'])} | {p.get('cpu', 0.0):.1f} |"
             )
     print(
-        "\ngrowth / state: driver RSS growth over state-bytes growth from the end of round 1 to the end (n/a: no "
-        "state added after round 1, or state-store = disk)"
+        "\nto round 0: from the call to the initial evaluation (Ray start, data, the server's hello to every node); "
+        "round 1 includes the Ray actors' first ClientApp load. growth / state: driver RSS (and anonymous RSS) "
+        "growth over state-bytes growth from the end of round 1 to the end (n/a: no state added after round 1, or "
+        "state-store = disk)"
     )
     print("\n## Where client state lives\n")
     for case in cases:
@@ -346,7 +366,7 @@ def report(cases: list[dict], args: argparse.Namespace, argv: list[str]) -> None
             f"(anonymous {mib(s['anon_growth'])} MiB) while the state grew {mib(s['state_growth'])} MiB"
         )
         if s["ratio"] is not None:
-            line += f": ratio {s['ratio']:.2f}"
+            line += f": ratio {s['ratio']:.2f} (anonymous {s['anon_ratio']:.2f})"
         print(line)
     worst = max(c["other_cpu"] for c in cases)
     print(
