@@ -123,8 +123,8 @@ class TreeSampler(threading.Thread):
             rec = self.procs.setdefault(
                 pid, {"parent": parents.get(pid), "cmd": _cmdline(pid), "peak_rss": 0, "peak_anon": 0}
             )
-            cmd = _cmdline(pid)  # Ray renames a worker when it takes a task ("ray::ClientAppActor...")
-            if cmd.startswith("ray::") or not rec["cmd"]:
+            cmd = _cmdline(pid)  # Ray renames a worker when it takes a task; a fork becomes what it executes
+            if cmd:
                 rec["cmd"] = cmd
             rec["hwm"] = max(rec.get("hwm", 0), status.get("VmHWM", 0))
             rec["rss"] = status.get("VmRSS", 0)
@@ -139,9 +139,14 @@ class TreeSampler(threading.Thread):
         """Every process seen: driver, Ray worker (a child of the raylet) or Ray service, with its peaks."""
         raylets = {p for p, r in self.procs.items() if "raylet" in r["cmd"].split(" ")[0]}
         out = []
+        root_cmd = self.procs.get(self.root, {}).get("cmd")
         for pid, rec in sorted(self.procs.items()):
             if pid == self.root:
                 role = "driver"
+            elif (
+                rec["cmd"] == root_cmd
+            ):  # seen between fork and exec: the driver's pages, shared, not its own
+                role = "driver fork"
             elif rec["parent"] in raylets and _is_worker(rec["cmd"]):
                 role = "ray worker"
             else:
