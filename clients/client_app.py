@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     instruction = Instruction(server_round, _statuses(msg), _downlink(msg), _lazy(msg))
     if instruction.downlink is not None:  # two-way: bring the replica to the public model and train there
         try:
-            worker = _receive(msg, worker, instruction.downlink, spec, device)
+            worker = _receive(msg, worker, instruction.downlink, spec, device, cfg.train.state_dtype)
         except ReplicaMismatch as err:  # never train on a model the node cannot vouch for: ask for the model
             record = ConfigRecord({protocol.REPLY_ROUND: server_round, protocol.RESYNC: str(err)[:500]})
             return Message(RecordDict({protocol.PAYLOAD: record}), reply_to=msg)
@@ -91,15 +91,16 @@ def train(msg: Message, context: Context) -> Message:
     reply, worker = worker_end(
         algorithm, worker, update, round=server_round, rng=rng, acked=begun.acked, steps=steps
     )
-    state_io.save_worker_state(context.state, worker)
-    state_io.save_to_disk(context, spec.dim, server_round=server_round)
+    state_io.save_worker_state(context.state, worker, cfg.train.state_dtype)
+    state_io.save_to_disk(context, spec.dim, server_round=server_round, store=cfg.train.state_store)
+    stored = state_io.state_bytes(worker, cfg.train.state_dtype)  # as stored: state-dtype's bytes
     metrics |= {
         protocol.RESIDUAL_NORM: float(worker.residual.norm()) if worker.residual is not None else 0.0,
         protocol.RESIDUAL_NORM_IN: residual_in,
         protocol.FOLDED_NORM: begun.folded_norm,
         protocol.REMOVED_NORM: begun.removed_norm,
         protocol.STATE_ROUNDS: worker.rounds,
-        **{protocol.STATE_BYTES[slot]: n for slot, n in state_io.state_bytes(worker).items() if n},
+        **{protocol.STATE_BYTES[slot]: n for slot, n in stored.items() if n},
     }
     if buffer_bytes:
         metrics[protocol.STATE_BYTES[protocol.BUFFER_SLOT]] = buffer_bytes
@@ -146,14 +147,15 @@ def _downlink(msg: Message):
     return protocol.downlink_from_fields(dict(msg.content[protocol.DOWNLINK]))
 
 
-def _receive(msg: Message, worker, instruction, spec: ParamSpec, device):
+def _receive(msg: Message, worker, instruction, spec: ParamSpec, device, dtype: str = "float32"):
     """The worker state with its replica at the instruction's target (raises ReplicaMismatch)."""
     dense = None
     if instruction.dense and protocol.ARRAYS in msg.content:
         dense = flatten(msg.content[protocol.ARRAYS].to_torch_state_dict(), spec).to(device)
     replica, version = receive(
-        worker.replica, worker.replica_version, instruction, dense, dim=spec.dim, block_sizes=spec.block_sizes
-    )
+        worker.replica, worker.replica_version, instruction, dense, dim=spec.dim, block_sizes=spec.block_sizes,
+        dtype=dtype,
+    )  # fmt: skip
     return worker._replace(replica=replica, replica_version=version)
 
 

@@ -311,7 +311,7 @@ def _peek(path: Path) -> tuple[str, str, int] | None:
         return None
 
 
-def write_state(path: str | Path, state: PersistedState) -> None:
+def write_state(path: str | Path, state: PersistedState, *, durable: bool = True) -> None:
     """Write ``state`` to ``path`` atomically (temporary file in the same directory, fsync, ``os.replace``).
 
     If ``path`` holds a state of the same run and node from an earlier round, it becomes
@@ -319,6 +319,9 @@ def write_state(path: str | Path, state: PersistedState) -> None:
     checkpoint one round behind needs. A file of the same or a later round (a state the server has forgotten,
     see :func:`clients.state_io.restore_from_disk`) is replaced without being kept. A crash between the two
     renames leaves the previous file only; :func:`clients.state_io.restore_from_disk` then reads that one.
+
+    ``durable = False`` (state kept on disk only to save memory, in a run-scoped temporary directory, which a
+    restart does not read) skips the fsync and the previous file; the write is still atomic.
 
     Raises
     ------
@@ -332,9 +335,10 @@ def write_state(path: str | Path, state: PersistedState) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        old = _peek(path)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        old = _peek(path) if durable else None
         if old is not None and old[:2] == (state.run_key, state.node_key) and old[2] < state.round:
             os.replace(path, previous_path(path))
         os.replace(tmp, path)

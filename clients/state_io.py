@@ -13,6 +13,13 @@ run's ``out-dir`` and ``run-name``, which a resumed run keeps, unlike Flower's r
 when ``context.state`` is empty: after a SuperNode restart, or in the first round of a resumed run. A state newer
 than the server's round (the server resumed from an older checkpoint) is rolled back to the state before its last
 round when that is on disk, else dropped (:func:`restore_from_disk`).
+
+Compact state (config keys ``state-dtype``, ``state-store``; design.md section 7, "State size"): the EF residual
+may be stored in float16 (scaled by a power of two) or bfloat16 (:mod:`fl_compams.precision`), and the rounded
+values are the ones the next round uses; and every array may live on node-local disk between rounds instead of in
+``context.state`` (the same file format as the mirror, in ``state-dir`` or else a run-scoped temporary
+directory), with only the rounds counter and the file's path left in memory. ``state-bytes-<slot>`` reports the
+bytes each slot takes where it is stored.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +37,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import persist
-from fl_compams import nodes
+from fl_compams import nodes, precision
 from fl_compams.algorithm import Pending, WorkerState
 from fl_compams.client_opt import LocalAdamState, MomentumState
 from fl_compams.downlink import Version
@@ -54,6 +63,15 @@ KEEP_STATE_KEY = "keep-state"
 #: Run-config keys that name a run (Flower gives every ClientApp the run config; the in-process runner too).
 RUN_NAME_KEY = "run-name"
 OUT_DIR_KEY = "out-dir"
+#: state-store = "disk": in context.state, the record naming the file that holds the arrays, and its keys.
+STORE_RECORD = "store"
+STORE_PATH_KEY = "path"
+STORE_TEMP_KEY = "temporary"
+#: A vector stored in float16 (the residual, the replica's ``model``) keeps its power-of-two scale exponent beside
+#: it, ``<name>-exp2``; one in bfloat16 is kept as its raw 16-bit patterns, ``<name>-bfloat16`` (numpy, hence
+#: Flower's Array and the state file format, has no bfloat16).
+EXPONENT_SUFFIX = "-exp2"
+BFLOAT16_SUFFIX = "-bfloat16"
 
 
 def _tensor(arr: np.ndarray, dtype: np.dtype, device: torch.device) -> torch.Tensor:
@@ -68,9 +86,7 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
     """
     residual = pending = local = None
     if RESIDUAL_RECORD in state:
-        arr = state[RESIDUAL_RECORD][RESIDUAL_KEY].numpy()
-        if arr.shape == (dim,):
-            residual = _tensor(arr, np.float32, device)
+        residual = _unpack(state[RESIDUAL_RECORD], RESIDUAL_KEY, dim, device)
     lazy = _load_lazy(state, dim, device)
     if PENDING_RECORD in state and (residual is not None or lazy is not None):
         rec = state[PENDING_RECORD]
@@ -109,6 +125,43 @@ def load_worker_state(state: RecordDict, dim: int, device: torch.device) -> Work
     )
 
 
+def _unpack(rec: ArrayRecord, name: str, dim: int, device: torch.device) -> torch.Tensor | None:
+    """The vector ``name`` of ``rec`` as float32, from whichever dtype it was stored in; None if of another size."""
+    if name + BFLOAT16_SUFFIX in rec:
+        bits = rec[name + BFLOAT16_SUFFIX].numpy()
+        if bits.shape != (dim,):
+            return None
+        values = torch.from_numpy(bits.astype(np.uint16).view(np.int16).copy()).view(torch.bfloat16)
+        return precision.decode(values).to(device)
+    arr = rec[name].numpy()
+    if arr.shape != (dim,):
+        return None
+    if arr.dtype == np.float16:
+        exp = name + EXPONENT_SUFFIX
+        return precision.decode(
+            torch.from_numpy(arr.copy()).to(device), int(rec[exp].numpy()[0]) if exp in rec else 0
+        )
+    return _tensor(arr, np.float32, device)
+
+
+def _pack(name: str, vector: torch.Tensor, dtype: str) -> dict[str, Array]:
+    """The arrays that store ``vector`` in ``dtype`` (:func:`fl_compams.precision.encode`; float32: as it is)."""
+    values, k = precision.encode(vector.detach(), dtype)
+    if dtype == "bfloat16":
+        return {name + BFLOAT16_SUFFIX: Array(values.cpu().view(torch.int16).numpy().view(np.uint16))}
+    arrays = {name: Array(values.cpu().numpy())}
+    if dtype == "float16":
+        arrays[name + EXPONENT_SUFFIX] = Array(np.array([k], dtype=np.int64))
+    return arrays
+
+
+def _stored_nbytes(vector: torch.Tensor | None, dtype: str) -> int:
+    """Bytes :func:`_pack` stores ``vector`` in: its elements in ``dtype``, plus float16's 8-byte exponent."""
+    if vector is None:
+        return 0
+    return vector.numel() * precision.itemsize(dtype) + (8 if dtype == "float16" else 0)
+
+
 def _load_replica(
     state: RecordDict, dim: int, device: torch.device
 ) -> tuple[torch.Tensor | None, Version | None]:
@@ -116,11 +169,11 @@ def _load_replica(
     if REPLICA_RECORD not in state:
         return None, None
     rec = state[REPLICA_RECORD]
-    model = rec["model"].numpy()
-    if model.shape != (dim,):
+    model = _unpack(rec, "model", dim, device)
+    if model is None:
         return None, None
     digest = rec["digest"].numpy().astype(np.uint8).tobytes().decode("ascii", errors="replace")
-    return _tensor(model, np.float32, device), Version(int(rec["round"].numpy()[0]), digest)
+    return model, Version(int(rec["round"].numpy()[0]), digest)
 
 
 def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker | None:
@@ -138,8 +191,14 @@ def _load_lazy(state: RecordDict, dim: int, device: torch.device) -> LazyWorker 
     return LazyWorker(q, eps_hat, int(rec["clock"].numpy()[0]), threshold, sent_eps)
 
 
-def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
-    """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records)."""
+def save_worker_state(state: RecordDict, worker: WorkerState, dtype: str = "float32") -> None:
+    """Store every slot of ``worker`` in ``context.state`` (arrays as float32 / int64 / uint8 records).
+
+    ``dtype`` (config ``state-dtype``) is the storage of the residual and the replica: float32 keeps them as
+    they are; float16 and bfloat16 round them (:mod:`fl_compams.precision`), and :func:`load_worker_state` then
+    reads the rounded values. The replica is the public model, which two-way runs keep representable in
+    ``dtype`` (:mod:`fl_compams.downlink`): it is stored exactly.
+    """
     as_array = lambda t: Array(t.detach().cpu().numpy())  # noqa: E731
     for record in (
         RESIDUAL_RECORD,
@@ -153,7 +212,7 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
         if record in state:
             del state[record]
     if worker.residual is not None:
-        state[RESIDUAL_RECORD] = ArrayRecord({RESIDUAL_KEY: as_array(worker.residual)})
+        state[RESIDUAL_RECORD] = ArrayRecord(_pack(RESIDUAL_KEY, worker.residual, dtype))
     if worker.pending is not None:
         state[PENDING_RECORD] = ArrayRecord(
             {
@@ -180,7 +239,7 @@ def save_worker_state(state: RecordDict, worker: WorkerState) -> None:
     if worker.replica is not None and worker.replica_version is not None:
         state[REPLICA_RECORD] = ArrayRecord(
             {
-                "model": as_array(worker.replica),
+                **_pack("model", worker.replica, dtype),
                 "round": Array(np.array([worker.replica_version.round], dtype=np.int64)),
                 "digest": Array(
                     np.frombuffer(worker.replica_version.digest.encode("ascii"), dtype=np.uint8).copy()
@@ -205,20 +264,21 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def state_bytes(worker: WorkerState) -> dict[str, int]:
+def state_bytes(worker: WorkerState, dtype: str = "float32") -> dict[str, int]:
     """Bytes of each slot of a worker's state, by ``protocol.STATE_SLOTS`` name (design.md section 7, "State size").
 
-    Tensors count their elements; the pending reply its wire bytes; LAQ's slot its last upload plus its three
-    float64 scalars and the clock.
+    Tensors count their elements at the size they are stored in (the residual and the replica in ``dtype``,
+    config ``state-dtype``, plus float16's 8-byte scale exponent; the rest float32); the pending reply its wire
+    bytes; LAQ's slot its last upload plus its three float64 scalars and the clock.
     """
     w = worker
     lazy = w.lazy
     return {
-        "residual": _nbytes(w.residual),
+        "residual": _stored_nbytes(w.residual, dtype),
         "pending": len(w.pending.payload) if w.pending is not None else 0,
         "local_opt": _nbytes(w.local_opt.m, w.local_opt.v) if w.local_opt is not None else 0,
         "local_change": _nbytes(w.local_change.change) if w.local_change is not None else 0,
-        "replica": _nbytes(w.replica),
+        "replica": _stored_nbytes(w.replica, dtype),
         "momentum": _nbytes(w.momentum.m) if w.momentum is not None else 0,
         "lazy": _nbytes(lazy.q) + 4 * 8 if lazy is not None else 0,
     }
@@ -273,6 +333,8 @@ def restore_from_disk(context: Context, dim: int, *, server_round: int) -> bool:
 
     Returns True if a state was restored.
     """
+    if STORE_RECORD in context.state:  # state-store = "disk": the arrays are in the file the record names
+        return _load_from_store(context, dim)
     path = state_file(context)
     if COUNTERS_RECORD in context.state:
         return False
@@ -333,19 +395,40 @@ def _state_before(
     return None
 
 
-def save_to_disk(context: Context, dim: int, *, server_round: int) -> None:
+def temporary_root() -> Path:
+    """Where ``state-store = "disk"`` keeps state without a ``state-dir``: ``<tmp>/fl-compams-state-<uid>``."""
+    return Path(tempfile.gettempdir()) / f"fl-compams-state-{os.getuid()}"
+
+
+def save_to_disk(context: Context, dim: int, *, server_round: int, store: str = "memory") -> None:
     """Mirror ``context.state`` (all its arrays: residual, local moments, ...; and the rounds) to the state file.
 
-    ``server_round`` is the round whose training produced the state. Does nothing without ``state-dir``. The
-    write is atomic and keeps the previous state (:func:`clients.persist.write_state`). A failed write gives a
-    :class:`clients.persist.StateFileWarning` and the round goes on: the state is still in memory, it just
-    would not survive a restart.
+    ``server_round`` is the round whose training produced the state. Does nothing without ``state-dir``, unless
+    ``store = "disk"`` (config ``state-store``): the arrays then go to the state file (``state-dir``'s, else one
+    in :func:`temporary_root` under the run key, written without fsync) and leave ``context.state``, which keeps
+    the rounds counter and the file's path (:data:`STORE_RECORD`) for :func:`restore_from_disk` to read back.
+    The write is atomic and keeps the previous state (:func:`clients.persist.write_state`). A failed write gives
+    a :class:`clients.persist.StateFileWarning` and the round goes on: the state stays in memory, it just would
+    not survive a restart.
     """
+    if store not in ("memory", "disk"):
+        raise ValueError(f"state store must be 'memory' or 'disk', got {store!r}")
+    if STORE_RECORD in context.state:
+        del context.state[STORE_RECORD]
     path = state_file(context)
+    temporary = path is None and store == "disk"
+    if temporary:
+        root = temporary_root()
+        root.mkdir(mode=0o700, exist_ok=True)
+        path = persist.state_path(
+            root, run_key(context), nodes.label_of_config(context.node_config, context.node_id)
+        )
     if path is None:
         return
     key = nodes.label_of_config(context.node_config, context.node_id)
-    if key == f"node-{context.node_id}":
+    if temporary:
+        pass  # a run-scoped file: no restart reads it, so the run and node keys need not be stable
+    elif key == f"node-{context.node_id}":
         log.warning(
             "state-dir is set but the node config has neither partition-id nor node-name: the state file is "
             "keyed by the node id, which changes when the SuperNode restarts; set node-name='<unique name>'"
@@ -364,11 +447,40 @@ def save_to_disk(context: Context, dim: int, *, server_round: int) -> None:
         run, key, server_round, rounds, dim, arrays, run_id=context.run_id, node_id=context.node_id
     )
     try:
-        persist.write_state(path, record)
+        persist.write_state(path, record, durable=not temporary)
     except OSError as err:
         message = f"could not write the client state file {str(path)!r} ({type(err).__name__}: {err})"
         log.warning(message)
         warnings.warn(message, persist.StateFileWarning, stacklevel=2)
+        return
+    if store == "disk":
+        for name in list(state.array_records):
+            del state[name]
+        state[STORE_RECORD] = ConfigRecord({STORE_PATH_KEY: str(path), STORE_TEMP_KEY: temporary})
+
+
+def _load_from_store(context: Context, dim: int) -> bool:
+    """``state-store = "disk"``: read the arrays back from the file :data:`STORE_RECORD` names.
+
+    A missing or unusable file (:func:`clients.persist.read_state`) gives a :class:`clients.persist.StateFileWarning`
+    and a fresh (zero) state, as a lost mirror does. Returns True if the arrays were restored.
+    """
+    state = context.state
+    path = Path(str(state[STORE_RECORD][STORE_PATH_KEY]))
+    del state[STORE_RECORD]
+    node = nodes.label_of_config(context.node_config, context.node_id)
+    saved = (
+        persist.read_state(path, run_key=run_key(context), node_key=node, dim=dim) if path.exists() else None
+    )
+    if saved is None:
+        message = f"{node}: the client state stored in {str(path)!r} is gone or unusable; starting fresh"
+        log.warning(message)
+        warnings.warn(message, persist.StateFileWarning, stacklevel=3)
+        state.clear()
+        return False
+    for record, arrays in saved.arrays.items():
+        state[record] = ArrayRecord({name: Array(arr) for name, arr in arrays.items()})
+    return True
 
 
 def keep_state(context: Context) -> bool:
@@ -391,10 +503,14 @@ def end_of_run(context: Context) -> tuple[int, int]:
     SuperNode's memory). Logs one line. Returns ``(files removed, files kept)``; a file that cannot be removed
     counts as kept, with a warning.
     """
+    stored = context.state[STORE_RECORD] if STORE_RECORD in context.state else None
     context.state.clear()
+    temporary = 0
+    if stored is not None and bool(stored[STORE_TEMP_KEY]):  # run-scoped: never kept
+        temporary = _remove_temporary(Path(str(stored[STORE_PATH_KEY])))
     path = state_file(context)
     if path is None:
-        return 0, 0
+        return temporary, 0
     files = [p for p in (path, persist.previous_path(path)) if p.exists()]
     if keep_state(context):
         log.info(
@@ -413,4 +529,17 @@ def end_of_run(context: Context) -> tuple[int, int]:
     except OSError:
         pass
     log.info("run ended: removed %d client state file(s) of %s", removed, path.parent)
-    return removed, len(files) - removed
+    return removed + temporary, len(files) - removed
+
+
+def _remove_temporary(path: Path) -> int:
+    """Remove a run-scoped state file (and its run directory once empty); the number of files removed."""
+    try:
+        path.unlink()
+    except OSError:
+        return 0
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return 1

@@ -28,6 +28,7 @@ from fl_compams.compressors.base import COMPRESSORS, Compressor, compressor_clas
 from fl_compams.downlink import DownlinkPart
 from fl_compams.errors import ConfigError
 from fl_compams.laq import LazyConfig
+from fl_compams.precision import STATE_DTYPES
 from fl_compams.qsparse import Qsparse, check_compressor, parse_periods
 from fl_compams.schema import (
     ANY_STR,
@@ -309,6 +310,25 @@ _LAQ: tuple[Key, ...] = (
 )
 
 
+# Where and how clients keep their state (clients.state_io, fl_compams.precision); both default to today's bytes.
+_STATE: tuple[Key, ...] = (
+    key(
+        "state-dtype",
+        "float32",
+        choice(STATE_DTYPES),
+        "storage of the EF residual and the two-way replica: float32 (exact), float16 (scaled) or bfloat16; "
+        "the rounded residual is the one used, and two-way keeps the public model representable in it",
+    ),
+    key(
+        "state-store",
+        "memory",
+        choice(("memory", "disk")),
+        "where client state arrays live between rounds: memory (context.state) or disk (the node's state-dir, "
+        "else a run-scoped temporary directory)",
+    ),
+)
+
+
 def schema() -> tuple[Key, ...]:
     """Every run-config key, in the order pyproject.toml lists them, from the registry as it is now.
 
@@ -320,11 +340,12 @@ def schema() -> tuple[Key, ...]:
     compressor = key("compressor", "topk", choice(names), "uplink compressor C")
     own = compressor_keys()
     clash = sorted(
-        {k.name for k in (*_FEDERATION, compressor, _ERROR_FEEDBACK, *_REST, *_LAQ)} & {k.name for k in own}
+        {k.name for k in (*_FEDERATION, compressor, _ERROR_FEEDBACK, *_REST, *_LAQ, *_STATE)}
+        & {k.name for k in own}
     )
     if clash:
         raise ValueError(f"compressor config keys {clash} clash with general run-config keys")
-    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST, *_two_way_keys(names), *_LAQ)
+    return (*_FEDERATION, compressor, _ERROR_FEEDBACK, *own, *_REST, *_two_way_keys(names), *_LAQ, *_STATE)
 
 
 def _two_way_keys(names: tuple[str, ...]) -> tuple[Key, ...]:
@@ -432,6 +453,8 @@ class TrainConfig:
     qsparse_async: bool
     qsparse_periods: str
     client_momentum: float
+    state_dtype: str
+    state_store: str
 
 
 @dataclass(frozen=True)
@@ -748,7 +771,7 @@ def build_downlink(cfg: ExperimentConfig, block_sizes: tuple[int, ...] | None = 
         return None
     values = {**cfg.compression.params, "topk-ratio": s.downlink_ratio, "topk-k": 0}
     compressor = compressor_class(s.downlink_compressor).from_config(values, block_sizes)
-    return DownlinkPart(compressor, log_size=s.downlink_log, seed=cfg.seed)
+    return DownlinkPart(compressor, log_size=s.downlink_log, seed=cfg.seed, dtype=cfg.train.state_dtype)
 
 
 def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:

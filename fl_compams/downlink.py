@@ -26,6 +26,12 @@ the dense public model (a *resync*). The client
 (:func:`receive`) finds its own version in the chain, applies the rest in order, and checks the digest of the
 result against the target; any mismatch raises :class:`ReplicaMismatch` (the client then asks for a resync and
 does not train on a model it cannot vouch for).
+
+**Compact replicas** (``state-dtype`` float16 / bfloat16, :mod:`fl_compams.precision`): the public model is kept
+representable in that dtype, ``public_{t+1} = round(public_t + Delta_t)`` on the server and on every client alike
+(the same float32 sum, rounded the same way), and the rounding joins e_s (``e_s <- p_t - (public_{t+1} -
+public_t)``), so ``public + e_s = theta`` still holds and a client stores its replica in 2 bytes per parameter
+exactly. float32 (the default) rounds nothing and is bit for bit the scheme above.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch
 
 from fl_compams.codec import from_bytes, to_bytes
 from fl_compams.compressors import Compressor
+from fl_compams.precision import round_to
 
 __all__ = [
     "Broadcast",
@@ -113,14 +120,16 @@ class Downlink(NamedTuple):
 
 @dataclass(frozen=True)
 class DownlinkPart:
-    """The algorithm part (``Algorithm.downlink``): the server compressor C_s, the log length K, a seed.
+    """The algorithm part (``Algorithm.downlink``): the server compressor C_s, the log length K, a seed, a dtype.
 
-    ``seed`` seeds the generator of a randomised C_s (per round); deterministic compressors ignore it.
+    ``seed`` seeds the generator of a randomised C_s (per round); deterministic compressors ignore it. ``dtype``
+    (``state-dtype``): the public model is kept representable in it (see the module docstring).
     """
 
     compressor: Compressor
     log_size: int = 8
     seed: int = 0
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.log_size < 1:
@@ -139,8 +148,14 @@ class ReplicaMismatch(ValueError):
     """A client cannot reach the instruction's target from its replica (it needs a dense resync)."""
 
 
-def init_downlink(theta: torch.Tensor) -> Downlink:
-    """Before round 1: the public model is theta, e_s = 0, no broadcast yet, no client holds a replica."""
+def init_downlink(theta: torch.Tensor, dtype: str = "float32") -> Downlink:
+    """Before round 1: the public model is theta, e_s = 0, no broadcast yet, no client holds a replica.
+
+    With a compact ``dtype`` the public model is theta rounded to it and e_s the rounding (theta - public).
+    """
+    if dtype != "float32":
+        public = round_to(theta.detach(), dtype)
+        return Downlink(public, theta.detach() - public, Version(0, model_digest(public)))
     public = theta.detach().clone()
     return Downlink(public, torch.zeros_like(public), Version(0, model_digest(public)))
 
@@ -156,9 +171,13 @@ def broadcast(
     data = to_bytes(part.compressor.encode(p, rng))
     sent = from_bytes(data, p.numel(), device=p.device).decode().to(p.dtype)  # exactly what the clients apply
     public = state.public + sent
+    residual = p - sent
+    if part.dtype != "float32":  # keep the public model representable; the rounding joins e_s
+        public = round_to(public, part.dtype)
+        residual = p - (public - state.public)
     version = Version(round, model_digest(public))
     log = (*state.log, Broadcast(state.version, version, data))[-part.log_size :]
-    return state._replace(public=public, residual=p - sent, version=version, log=log)
+    return state._replace(public=public, residual=residual, version=version, log=log)
 
 
 def instruction_for(state: Downlink, label: str) -> DownInstruction:
@@ -200,8 +219,12 @@ def receive(
     *,
     dim: int,
     block_sizes: tuple[int, ...] | None = None,
+    dtype: str = "float32",
 ) -> tuple[torch.Tensor, Version]:
     """Bring a client's replica to ``instruction.target``; return (replica, version).
+
+    ``dtype`` is the run's ``state-dtype``: each broadcast's sum is rounded to it, as the server rounds the
+    public model (:func:`broadcast`); a dense model is rounded too (it is representable already: no change).
 
     Dense: the model sent (``dense``). Else the broadcasts after the replica's own version in the chain, in
     order (a replica already ahead of the server's idea of it, after a lost reply, skips what it has). The
@@ -213,6 +236,8 @@ def receive(
         if dense is None or dense.shape != (dim,):
             raise ReplicaMismatch(f"a dense resync to {target} came without a model of {dim} parameters")
         replica = dense.detach().to(torch.float32).clone()
+        if dtype != "float32":
+            replica = round_to(replica, dtype)
     else:
         if replica is None or version is None or replica.shape != (dim,):
             raise ReplicaMismatch(f"no replica to apply the broadcasts to {target} to")
@@ -224,6 +249,8 @@ def receive(
         for step in instruction.steps[chain.index(version) :]:
             delta = from_bytes(step.payload, dim, block_sizes=block_sizes, device=replica.device).decode()
             replica = replica + delta.to(replica.dtype)
+            if dtype != "float32":
+                replica = round_to(replica, dtype)
     if model_digest(replica) != target.digest:
         raise ReplicaMismatch(f"the replica's digest {model_digest(replica)} is not the target's {target}")
     return replica, target

@@ -134,7 +134,7 @@ REPLICA = "replica"
 RESYNC = "resync"
 #: Client keys sent only when they differ from their default (clients fill in the default), so that a key for a
 #: new algorithm part leaves the default instruction's bytes unchanged.
-OPTIONAL_CLIENT_KEYS = ("client-momentum", "buffers")
+OPTIONAL_CLIENT_KEYS = ("client-momentum", "buffers", "state-dtype", "state-store")
 
 
 def downlink_to_fields(instruction: DownInstruction) -> dict[str, Any]:

@@ -50,16 +50,18 @@ def init_server_state(
     *,
     two_way: bool = False,
     buffers: torch.Tensor | None = None,
+    public_dtype: str = "float32",
 ) -> ServerState:
     """State before round 1: theta_1 and zero moments (with ``two_way``, the public model theta_1 and e_s = 0).
 
     ``buffers``: the initial model's buffers (:mod:`fl_compams.buffers`); the optimizer never sees them.
+    ``public_dtype`` (``state-dtype``): the public model is theta_1 rounded to it (:func:`init_downlink`).
     """
     return ServerState(
         0,
         theta.clone(),
         optimizer.init(theta),
-        downlink=init_downlink(theta) if two_way else None,
+        downlink=init_downlink(theta, public_dtype) if two_way else None,
         buffers=None if buffers is None else buffers.clone(),
     )
 

@@ -87,8 +87,13 @@ def run_server(
     checkpoints = run_dir / "checkpoints"
     two_way = algorithm.downlink is not None
     initial_buffers = flatten(model.state_dict(), spec, trainable=False) if spec.buffer_dim else None
+    public = cfg.train.state_dtype  # two-way: the public model is kept representable in the replicas' dtype
     state = init_server_state(
-        flatten(model.state_dict(), spec), algorithm.server_opt, two_way=two_way, buffers=initial_buffers
+        flatten(model.state_dict(), spec),
+        algorithm.server_opt,
+        two_way=two_way,
+        buffers=initial_buffers,
+        public_dtype=public,
     )
     totals = {"up": 0, "down": 0, "probe": 0}
     done = 0
@@ -291,7 +296,8 @@ def _resume(run_dir: Path, cfg, spec: ParamSpec, device, state, totals):
     if (saved.downlink is None) != (state.downlink is None):  # a checkpoint of a one-way run (version <= 3)
         if state.downlink is None:
             raise ConfigError(f"resume: {path} is of a two-way run; resume it with its downlink-compressor")
-        saved = saved._replace(downlink=init_downlink(saved.theta))  # every client gets the dense model first
+        down = init_downlink(saved.theta, cfg.train.state_dtype)  # every client gets the dense model first
+        saved = saved._replace(downlink=down)
     return saved, dict(extra["totals"]), saved.round
 
 
