@@ -112,7 +112,7 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     loss_title = f"train loss (mean of last {SMOOTH_WINDOW} rounds)"
     loss_style = {"ylabel": "training loss", "logy": True}
     if preset == "speedup":
-        lines += _speedup(rows, meta)
+        lines += _speedup(rows, meta, sweep)
         curve(
             "Training loss per round",
             "train_loss.png",
@@ -302,7 +302,18 @@ def _tune(rows: list[dict]) -> list[str]:
     ]
 
 
-def _speedup(rows: list[dict], meta: dict) -> list[str]:
+def _samples_per_round(sweep, key: str) -> float | None:
+    """Training examples one round consumes: clients x local steps x batch size (from the run's config.json)."""
+    dirs = sweep.run_dirs.get(key, [])
+    try:
+        info = json.loads((dirs[0] / "config.json").read_text())
+        cfg = info["config"]
+        return float(info["num_nodes"]) * float(cfg["local-steps"]) * float(cfg["batch-size"])
+    except (IndexError, OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _speedup(rows: list[dict], meta: dict, sweep=None) -> list[str]:
     paper = meta.get("paper-rounds", {})
     base = next(
         (r for r in rows if r.get("axis_value") and r["axis"] == "n" and r["axis_value"] == "1"), None
@@ -316,11 +327,18 @@ def _speedup(rows: list[dict], meta: dict) -> list[str]:
             if base and rounds and base.get("rounds_to_train_loss_mean")
             else None
         )
-        table.append({**r, "n": label, "speedup": speed, "paper": paper.get(label)})
+        per_round = _samples_per_round(sweep, r["method"]) if sweep is not None else None
+        samples = {}
+        if per_round is not None:
+            for stat in ("mean", "std"):
+                v = r.get(f"rounds_to_train_loss_{stat}")
+                samples[f"samples_to_train_loss_{stat}"] = None if v is None else v * per_round
+        table.append({**r, **samples, "n": label, "speedup": speed, "paper": paper.get(label)})
     target = meta.get("target-train-loss")
     return [
         f"Rounds until the smoothed training loss reaches {target} (lr = 0.001 x sqrt(n), batch fixed), with the "
-        "paper's MNIST iteration counts beside them.",
+        "paper's MNIST iteration counts beside them. Samples to target = rounds x clients x local steps x batch "
+        "size: a linear speedup keeps it constant.",
         "",
         to_markdown(
             table,
@@ -328,6 +346,7 @@ def _speedup(rows: list[dict], meta: dict) -> list[str]:
                 ("n", "clients", None),
                 ("rounds_to_train_loss", "rounds to target", reached("seeds_reached_train_loss", 1)),
                 ("speedup", "speedup vs n = 1", ".2f"),
+                ("samples_to_train_loss", "samples to target", reached("seeds_reached_train_loss", 0)),
                 ("paper", "paper (MNIST) iterations", None),
                 ("final_accuracy", "final accuracy (%)", mean_std(1, scale=100)),
             ],

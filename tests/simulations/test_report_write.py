@@ -186,3 +186,16 @@ def test_equal_bytes_report_counts_both_directions_and_wall_time_to_the_target(t
     assert "up + down to 95%" in text and "wall s to 95%" in text and "(1/2)" in text
     assert (readme.parent / "accuracy_vs_total_bytes.png").exists()
     assert (readme.parent / "accuracy_vs_uplink_bytes.png").exists()
+
+
+def test_speedup_report_shows_samples_to_target(tmp_path):
+    runs = plan_runs("speedup", out=tmp_path / "runs", seeds=[0], rounds=30)
+    for r in runs:
+        r.overrides["num-server-rounds"] = 30
+        _write_planned(
+            r, 0.01
+        )  # train loss 2 / t: the smoothed loss reaches 0.5 at the same round for every n
+    readme = write_report("speedup", runs_root=tmp_path / "runs", out_root=tmp_path / "out")
+    line = next(line for line in readme.read_text().splitlines() if line.startswith("| n-4 |"))
+    rounds = json.loads((readme.parent / "summary.json").read_text())["table"][2]["rounds_to_train_loss_mean"]
+    assert f"{rounds * 4 * 32:,.0f}" in line  # 4 clients x 1 local step x batch 32
