@@ -351,6 +351,34 @@ def _speedup(rows: list[dict], meta: dict, sweep=None) -> list[str]:
                 ("final_accuracy", "final accuracy (%)", mean_std(1, scale=100)),
             ],
         ),
+        *_speedup_at(sweep, meta.get("other-train-loss-targets", []), [r["method"] for r in rows]),
+    ]
+
+
+def _speedup_at(sweep, targets: list[float], keys: list[str]) -> list[str]:
+    """Speedup vs the first key at further training-loss targets (the preset names them beside its target)."""
+    if not targets or sweep is None:
+        return []
+    table = []
+    for t in targets:
+        rows = {r["method"]: r for r in summarize(sweep, target_train_loss=t)}
+        base = rows[keys[0]].get("rounds_to_train_loss_mean")
+        row: dict[str, Any] = {"target": f"{t:g}"}
+        for k in keys:
+            r, label = rows[k], k.rsplit("/", 1)[-1]
+            m, n_hit, n = r.get("rounds_to_train_loss_mean"), r.get("seeds_reached_train_loss"), r["n_seeds"]
+            row[label] = (
+                "not reached" if m is None else f"{m:.0f}" + ("" if n_hit == n else f" ({n_hit}/{n})")
+            )
+            if m and base:
+                row[label] += f" (x{base / m:.2f})"
+        table.append(row)
+    labels = [k.rsplit("/", 1)[-1] for k in keys]
+    return [
+        "",
+        "Rounds to further training-loss targets (mean over seeds; speedup against the first setting in brackets):",
+        "",
+        to_markdown(table, [("target", "target loss", None)] + [(label, label, None) for label in labels]),
     ]
 
 

@@ -199,3 +199,10 @@ def test_speedup_report_shows_samples_to_target(tmp_path):
     line = next(line for line in readme.read_text().splitlines() if line.startswith("| n-4 |"))
     rounds = json.loads((readme.parent / "summary.json").read_text())["table"][2]["rounds_to_train_loss_mean"]
     assert f"{rounds * 4 * 32:,.0f}" in line  # 4 clients x 1 local step x batch 32
+    from simulations.report.load import load_sweep
+
+    sweep = load_sweep(tmp_path / "runs" / "digits" / "speedup")
+    lines = write._speedup_at(sweep, [0.5, 0.01], list(sweep))
+    table = "\n".join(lines)
+    assert "| 0.5 |" in table and "(x1.00)" in table
+    assert "| 0.01 | not reached | not reached" in table  # 2 / t never falls that low in 30 rounds
