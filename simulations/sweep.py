@@ -8,7 +8,9 @@ preset whose runs it re-reads (``equal-budget``). ``num-supernodes`` may appear 
 set's table may hold ``[datasets.<name>.methods.<label>]``: that method's overrides on that data set (e.g. its
 learning rate tuned there), applied after the method's own table and before the axis;
 ``[datasets.<name>.axis.<label>]``: one setting's overrides on that data set, applied last; and
-``[datasets.<name>.preset]``: entries of ``[preset]`` for that data set (seeds, targets).
+``[datasets.<name>.preset]``: entries of ``[preset]`` for that data set (seeds, targets, and ``methods`` /
+``axes``: the labels to run there when a study runs only part of its grid on that data set). ``datasets`` in
+``[preset]`` lists the only data sets a preset runs on (a model that needs MNIST-1D's sequences).
 
 Runs go to ``<out>/<dataset>/<preset>/<method>[/<axis>]/seed-<s>/``; a run whose results are complete is
 skipped, so an interrupted sweep resumes where it stopped. The directory of an incomplete run is renamed to a
@@ -25,6 +27,7 @@ from typing import Any
 import tomllib
 
 from fl_compams.config import parse_config
+from fl_compams.errors import ConfigError
 from strategies.results import read_metrics
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -80,6 +83,21 @@ def preset_meta(preset: dict[str, Any], dataset: str = "digits") -> dict[str, An
     return {**preset.get("preset", {}), **_dataset_table(preset, dataset).get("preset", {})}
 
 
+def _select(
+    tables: dict[str, Any], labels: list[str] | None, what: str, name: str, dataset: str
+) -> dict[str, Any]:
+    """The entries of ``tables`` named in ``labels`` (all of them when ``labels`` is None), in preset order."""
+    if labels is None:
+        return dict(tables)
+    unknown = sorted(set(labels) - set(tables))
+    if unknown:
+        raise ConfigError(
+            f"preset {name!r}, [datasets.{dataset}.preset] {what}: unknown labels {unknown}; "
+            f"the preset defines {sorted(tables)}"
+        )
+    return {label: table for label, table in tables.items() if label in labels}
+
+
 def plan_runs(
     name: str,
     *,
@@ -95,6 +113,11 @@ def plan_runs(
     meta = preset_meta(preset, dataset)
     if "source" in meta:
         return []
+    if dataset not in meta.get("datasets", [dataset]):
+        raise ConfigError(
+            f"preset {name!r} runs on {', '.join(meta['datasets'])} only (its [preset] datasets); "
+            f"use --dataset {meta['datasets'][0]}"
+        )
     base = dict(preset.get("base", {}))
     on_dataset = _dataset_table(preset, dataset)
     on_dataset.pop("preset", None)  # read by preset_meta
@@ -105,11 +128,15 @@ def plan_runs(
         base.update(on_dataset)
     if rounds is not None:
         base["num-server-rounds"] = rounds
+    methods = _select(preset.get("methods", {}), meta.get("methods"), "methods", name, dataset)
     axes = preset.get("axis") or [{"label": ""}]
+    if "axes" in meta:
+        chosen = _select({a["label"]: a for a in axes}, meta["axes"], "axes", name, dataset)
+        axes = list(chosen.values())
     runs = []
     # Seed-major order: an interrupted sweep leaves every method and setting with the same number of seeds.
     for seed in seeds if seeds is not None else meta.get("seeds", [0]):
-        for method, method_overrides in preset.get("methods", {}).items():
+        for method, method_overrides in methods.items():
             for axis in axes:
                 axis_overrides = {k: v for k, v in axis.items() if k != "label"}
                 key = f"{method}/{axis['label']}" if axis["label"] else method

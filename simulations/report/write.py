@@ -161,6 +161,8 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
             )
     else:
         lines.append(to_markdown(rows, default_columns(rows)))
+        if meta.get("pairs"):
+            lines += _pairs(sweep, meta["pairs"])
         curve("Test accuracy per round", "accuracy_vs_round.png", "accuracy", f"{preset}: test accuracy")
         curve(
             "Training loss per round",
@@ -188,6 +190,65 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def _last_window_mean(rows, column: str) -> float | None:
+    """Mean of ``column`` over the last :data:`SMOOTH_WINDOW` rounds that have it (one seed)."""
+    vals = [v for r in rows if r["round"] > 0 and (v := r.get(column)) is not None and math.isfinite(v)]
+    return sum(vals[-SMOOTH_WINDOW:]) / len(vals[-SMOOTH_WINDOW:]) if vals else None
+
+
+def paired_differences(sweep, first: str, second: str, column: str) -> list[float]:
+    """Per seed run by both keys: ``first`` minus ``second``, each the mean of its last rounds' ``column``."""
+    if first not in sweep or second not in sweep:
+        return []
+    ends = {
+        key: {
+            s: _last_window_mean(rows, column) for s, rows in zip(sweep.seeds[key], sweep[key], strict=True)
+        }
+        for key in (first, second)
+    }
+    return [a - b for s, a in ends[first].items() if a is not None and (b := ends[second].get(s)) is not None]
+
+
+def _pairs(sweep, pairs: list[list[str]]) -> list[str]:
+    """Table of paired-by-seed differences for ``pairs = [[a, b], ...]`` in ``[preset]`` (a minus b)."""
+    table = []
+    for first, second in pairs:
+        acc = paired_differences(sweep, first, second, "accuracy")
+        loss = paired_differences(sweep, first, second, "train_loss")
+        acc_mean, acc_std = sample_mean_std(acc)
+        loss_mean, loss_std = sample_mean_std(loss)
+        table.append(
+            {
+                "pair": f"{first} − {second}",
+                "acc_mean": acc_mean,
+                "acc_std": acc_std,
+                "acc_wins": f"{sum(d > 0 for d in acc)} of {len(acc)}",
+                "loss_mean": loss_mean,
+                "loss_std": loss_std,
+                "loss_wins": f"{sum(d < 0 for d in loss)} of {len(loss)}",
+            }
+        )
+    return [
+        "",
+        "### Paired by seed",
+        "",
+        f"Each difference is taken within one seed (same split, same initial model), each side the mean of its "
+        f'last {SMOOTH_WINDOW} rounds; mean ± std over the seeds both ran. "wins": seeds where the first is '
+        "better (higher accuracy, lower training loss).",
+        "",
+        to_markdown(
+            table,
+            [
+                ("pair", "first − second", None),
+                ("acc", "test accuracy (points)", mean_std(1, scale=100)),
+                ("acc_wins", "wins (accuracy)", None),
+                ("loss", "training loss", mean_std(3)),
+                ("loss_wins", "wins (loss)", None),
+            ],
+        ),
+    ]
 
 
 def _seed_counts(sweep) -> str:

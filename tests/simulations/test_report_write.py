@@ -206,3 +206,30 @@ def test_speedup_report_shows_samples_to_target(tmp_path):
     table = "\n".join(lines)
     assert "| 0.5 |" in table and "(x1.00)" in table
     assert "| 0.01 | not reached | not reached" in table  # 2 / t never falls that low in 30 rounds
+
+
+def test_ef_horizon_report_pairs_each_method_with_its_partner_by_seed(tmp_path):
+    # EF beats no EF on seeds 0 and 1 and loses on seed 2: the table shows the paired mean, its std and 2 of 3;
+    # a seed only one side ran (seed 3 of the EF variant) is left out of the pair.
+    runs = plan_runs("ef-horizon", out=tmp_path / "runs", seeds=[0, 1, 2, 3], rounds=8)
+    acc = {
+        ("topk-0.01-ef", 0): 0.7,
+        ("topk-0.01-ef", 1): 0.6,
+        ("topk-0.01-ef", 2): 0.5,
+        ("topk-0.01-ef", 3): 0.9,
+    }
+    acc |= {("topk-0.01-no-ef", 0): 0.5, ("topk-0.01-no-ef", 1): 0.5, ("topk-0.01-no-ef", 2): 0.6}
+    for r in runs:
+        if (r.key, r.seed) in acc:
+            _fake_run(r.run_dir, 8, 0.0, 100)
+            rows = [json.loads(line) for line in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+            for row in rows:  # the last 5 rounds average to the chosen value; earlier rounds do not count
+                row["accuracy"] = acc[r.key, r.seed] + (0.0 if row["round"] > 3 else -0.3)
+                row["train_loss"] = None if row["round"] == 0 else 1.0 - acc[r.key, r.seed]
+            (r.run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = write_report("ef-horizon", runs_root=tmp_path / "runs", out_root=tmp_path / "out").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| topk-0.01-ef − topk-0.01-no-ef"))
+    # differences 0.2, 0.1, -0.1 -> mean 6.7 points, sample std 15.3; loss differences the negatives
+    assert "| 6.7 ± 15.3 | 2 of 3 | -0.067 ± 0.153 | 2 of 3 |" in line
+    blocksign = next(x for x in text.splitlines() if x.startswith("| blocksign-ef − blocksign-no-ef"))
+    assert "| — | 0 of 0 |" in blocksign  # no runs: nothing claimed

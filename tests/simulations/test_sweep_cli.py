@@ -3,11 +3,18 @@
 import pytest
 
 from simulations import cli
-from simulations.sweep import available_presets, plan_runs, set_aside
+from simulations.sweep import available_presets, load_preset, plan_runs, set_aside
 
 
 @pytest.mark.parametrize("name", available_presets())
 def test_every_preset_expands_into_valid_runs(tmp_path, name):
+    only = load_preset(name)["preset"].get("datasets")
+    if only:  # a preset for some data sets refuses the others, saying which
+        with pytest.raises(ValueError, match=f"runs on {only[0]}"):
+            plan_runs(name, out=tmp_path, dataset="digits" if "digits" not in only else "mnist")
+        runs = plan_runs(name, out=tmp_path, dataset=only[0])
+        assert runs and all(r.overrides["dataset"] == only[0] for r in runs)
+        return
     runs = plan_runs(name, out=tmp_path)  # parse_config validates every run
     if name == "equal-budget":
         assert runs == []  # it re-reads accuracy-vs-bits
@@ -15,7 +22,7 @@ def test_every_preset_expands_into_valid_runs(tmp_path, name):
     assert runs and len({r.run_dir for r in runs}) == len(runs)
     seeds = [r.seed for r in runs]
     assert seeds == sorted(seeds)  # seed-major: an interrupted sweep stays balanced
-    for dataset in ("mnist", "cifar10"):
+    for dataset in ("mnist", "cifar10", "mnist1d"):
         for r in plan_runs(name, out=tmp_path, dataset=dataset, data_dir="/data"):
             assert r.overrides["dataset"] == dataset and r.overrides["data-dir"] == "/data"
 
@@ -37,6 +44,18 @@ def test_a_data_sets_table_overrides_the_default_model(tmp_path, monkeypatch):
     a, b = plan_runs("p", out=tmp_path / "runs", dataset="mnist", data_dir="/data")
     assert a.overrides["model"] == "auto" and a.overrides["server-lr"] == 0.01
     assert b.overrides["server-lr"] == 0.03 and a.overrides["num-server-rounds"] == 5 and a.seed == 0
+
+
+def test_a_data_set_may_run_part_of_the_grid(tmp_path, monkeypatch):
+    grid = "[preset]\nseeds = [0]\n[methods.a]\n[methods.b]\n[methods.c]\n"
+    grid += "".join(f'[[axis]]\nlabel = "{x}"\n' for x in ("x", "y", "z"))
+    (tmp_path / "p.toml").write_text(grid + '[datasets.mnist1d.preset]\nmethods = ["c", "a"]\naxes = ["y"]\n')
+    monkeypatch.setattr("simulations.sweep.PRESET_DIR", tmp_path)
+    assert [r.key for r in plan_runs("p", out=tmp_path, dataset="mnist1d")] == ["a/y", "c/y"]  # preset order
+    assert len(plan_runs("p", out=tmp_path)) == 9  # other data sets run the whole grid
+    (tmp_path / "p.toml").write_text(grid + '[datasets.mnist1d.preset]\nmethods = ["a", "typo"]\n')
+    with pytest.raises(ValueError, match=r"unknown labels \['typo'\]; the preset defines \['a', 'b', 'c'\]"):
+        plan_runs("p", out=tmp_path, dataset="mnist1d")
 
 
 def test_speedup_scales_lr_with_sqrt_n(tmp_path):
