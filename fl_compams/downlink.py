@@ -153,11 +153,8 @@ def init_downlink(theta: torch.Tensor, dtype: str = "float32") -> Downlink:
 
     With a compact ``dtype`` the public model is theta rounded to it and e_s the rounding (theta - public).
     """
-    if dtype != "float32":
-        public = round_to(theta.detach(), dtype)
-        return Downlink(public, theta.detach() - public, Version(0, model_digest(public)))
-    public = theta.detach().clone()
-    return Downlink(public, torch.zeros_like(public), Version(0, model_digest(public)))
+    public = round_to(theta.detach(), dtype).clone()  # float32: theta itself, so e_s = 0
+    return Downlink(public, theta.detach() - public, Version(0, model_digest(public)))
 
 
 def broadcast(
@@ -235,9 +232,7 @@ def receive(
     if instruction.dense:
         if dense is None or dense.shape != (dim,):
             raise ReplicaMismatch(f"a dense resync to {target} came without a model of {dim} parameters")
-        replica = dense.detach().to(torch.float32).clone()
-        if dtype != "float32":
-            replica = round_to(replica, dtype)
+        replica = round_to(dense.detach().to(torch.float32).clone(), dtype)
     else:
         if replica is None or version is None or replica.shape != (dim,):
             raise ReplicaMismatch(f"no replica to apply the broadcasts to {target} to")
@@ -248,9 +243,7 @@ def receive(
             )
         for step in instruction.steps[chain.index(version) :]:
             delta = from_bytes(step.payload, dim, block_sizes=block_sizes, device=replica.device).decode()
-            replica = replica + delta.to(replica.dtype)
-            if dtype != "float32":
-                replica = round_to(replica, dtype)
+            replica = round_to(replica + delta.to(replica.dtype), dtype)
     if model_digest(replica) != target.digest:
         raise ReplicaMismatch(f"the replica's digest {model_digest(replica)} is not the target's {target}")
     return replica, target

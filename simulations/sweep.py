@@ -129,10 +129,8 @@ def plan_runs(
     if rounds is not None:
         base["num-server-rounds"] = rounds
     methods = _select(preset.get("methods", {}), meta.get("methods"), "methods", name, dataset)
-    axes = preset.get("axis") or [{"label": ""}]
-    if "axes" in meta:
-        chosen = _select({a["label"]: a for a in axes}, meta["axes"], "axes", name, dataset)
-        axes = list(chosen.values())
+    all_axes = {a["label"]: a for a in preset.get("axis") or [{"label": ""}]}
+    axes = list(_select(all_axes, meta.get("axes"), "axes", name, dataset).values())
     runs = []
     # Seed-major order: an interrupted sweep leaves every method and setting with the same number of seeds.
     for seed in seeds if seeds is not None else meta.get("seeds", [0]):

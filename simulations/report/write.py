@@ -23,6 +23,7 @@ from simulations.report.stats import (
     add_smoothed,
     column_mean,
     sample_mean_std,
+    smoothed,
 )
 from simulations.report.tables import default_columns, fmt_bytes, mean_std, reached, summarize, to_markdown
 from simulations.sweep import load_preset, preset_meta
@@ -193,9 +194,9 @@ def write_report(preset: str, *, runs_root: Path, out_root: Path, dataset: str =
 
 
 def _last_window_mean(rows, column: str) -> float | None:
-    """Mean of ``column`` over the last :data:`SMOOTH_WINDOW` rounds that have it (one seed)."""
-    vals = [v for r in rows if r["round"] > 0 and (v := r.get(column)) is not None and math.isfinite(v)]
-    return sum(vals[-SMOOTH_WINDOW:]) / len(vals[-SMOOTH_WINDOW:]) if vals else None
+    """The last :func:`smoothed` value of ``column``: its mean over the last :data:`SMOOTH_WINDOW` rounds (one seed)."""
+    series = smoothed(rows, column)
+    return series[-1][1] if series else None
 
 
 def paired_differences(sweep, first: str, second: str, column: str) -> list[float]:
